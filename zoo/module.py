@@ -1,0 +1,257 @@
+"""The LightningModule base every task module derives from.
+
+It adds the MoE auxiliary loss to the task loss, logs routing statistics every epoch,
+accumulates expert usage during testing (overall and per class/task/noise level) and saves
+routing heatmaps as PNG into the run folder, counts test samples and step time for the
+throughput column of ``zoo compare``, and saves RNG states in checkpoints so a resumed run
+continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from zoo.moe import aux_loss, routed_layers
+
+
+def _first_tensor(obj):
+    if torch.is_tensor(obj):
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+class ZooModule(L.LightningModule):
+    """Shared base: set ``self.model`` to the network that holds the routed layers.
+
+    Subclass contract (see DESIGN.md section 3):
+      - ``training_step`` returns ``self.with_aux(task_loss)``;
+      - test metrics are logged as ``test/<name>`` (``zoo compare`` collects every one);
+      - ``record_routing(group_ids, group_names)`` after a test forward adds to the
+        per-group expert-usage heatmap;
+      - ``flops_inputs()`` gives the inputs of ``self.forward`` for one sample;
+      - ``on_data(datamodule)`` may rebuild the model from data-decided shapes.
+    Subclasses overriding the ``on_*`` hooks below must call ``super()``.
+    """
+
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    model: nn.Module | None
+
+    def __init__(self):
+        super().__init__()
+        self.model = None
+        self._reset_routing_acc("train")
+        self._reset_routing_acc("test")
+        self._group_usage: dict[str, torch.Tensor] = {}
+        self._group_names: list[str] | None = None
+        self.test_samples = 0
+        self.test_step_time = 0.0
+
+    # ------------------------------------------------------------------ losses
+    def with_aux(self, task_loss: torch.Tensor, stage: str = "train") -> torch.Tensor:
+        """``task_loss + zoo.moe.aux_loss(self.model)``, logging both parts."""
+        aux = aux_loss(self.model) if self.model is not None else task_loss.new_zeros(())
+        aux = aux.to(task_loss.device)
+        self.log(f"{stage}/task_loss", task_loss.detach(), prog_bar=False)
+        self.log(f"{stage}/aux_loss", aux.detach(), prog_bar=False)
+        return task_loss + aux
+
+    # ------------------------------------------------------------------ routing stats
+    def _layers(self):
+        return routed_layers(self.model) if self.model is not None else {}
+
+    def _reset_routing_acc(self, stage: str):
+        setattr(self, f"_{stage}_acc", {})
+
+    def _accumulate(self, stage: str):
+        acc = getattr(self, f"_{stage}_acc")
+        for name, layer in self._layers().items():
+            info = layer.last_routing
+            if info is None:
+                continue
+            e = info.expert_index[info.kept & (info.expert_index < info.num_experts)]
+            counts = torch.bincount(e.cpu(), minlength=info.num_experts).double()
+            entry = acc.setdefault(name, {"counts": torch.zeros(info.num_experts, dtype=torch.float64),
+                                          "assign": 0, "dropped": 0, "null": 0, "entropy": 0.0, "batches": 0})
+            entry["counts"] += counts
+            entry["assign"] += info.expert_index.numel()
+            entry["dropped"] += info.dropped
+            entry["null"] += int((info.expert_index >= info.num_experts).sum())
+            if info.probs is not None:
+                p = info.probs.float().clamp_min(1e-12)
+                entry["entropy"] += float(-(p * p.log()).sum(-1).mean())
+            entry["batches"] += 1
+
+    def routing_summary(self, stage: str = "train") -> dict[str, dict]:
+        """Per-layer load fractions, mean entropy, drop rate and null share accumulated so far."""
+        out = {}
+        for name, a in getattr(self, f"_{stage}_acc").items():
+            load = a["counts"] / a["counts"].sum().clamp_min(1.0)
+            out[name] = {"load": load.tolist(), "entropy": a["entropy"] / max(a["batches"], 1),
+                         "drop_rate": a["dropped"] / max(a["assign"], 1),
+                         "null_fraction": a["null"] / max(a["assign"], 1)}
+        return out
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self._accumulate("train")
+
+    def on_train_epoch_start(self):
+        self._reset_routing_acc("train")
+        # Resuming: apply the saved RNG state only now, after the sanity-check validation (whose
+        # dataloader iterator draws a seed) and right before this epoch's shuffling, so a resumed
+        # run draws exactly what the uninterrupted run drew. On resume Lightning has already built
+        # this epoch's train iterator (which drew its base seed); an uninterrupted run builds it
+        # after this hook, so that one draw is replayed before the sampler draws its shuffle seed.
+        state = getattr(self, "_pending_rng", None)
+        if state is not None:
+            self._pending_rng = None
+            _set_rng_state(state)
+            torch.empty((), dtype=torch.int64).random_()
+
+    def on_train_epoch_end(self):
+        logs = {}
+        for name, s in self.routing_summary("train").items():
+            e = len(s["load"])
+            logs[f"routing/{name}/entropy"] = s["entropy"]
+            logs[f"routing/{name}/drop_rate"] = s["drop_rate"]
+            logs[f"routing/{name}/null_fraction"] = s["null_fraction"]
+            logs[f"routing/{name}/max_load_ratio"] = max(s["load"]) * e  # 1 = perfectly balanced
+            for i, v in enumerate(s["load"]):
+                logs[f"routing/{name}/load_e{i}"] = v
+        if logs:
+            self.log_dict(logs)
+
+    # ------------------------------------------------------------------ test-time usage
+    def record_routing(self, group_ids: torch.Tensor, group_names: list[str] | None = None):
+        """Add the last forward's expert usage to per-group totals (class, task, noise level).
+
+        ``group_ids`` [B] gives each sample's group; each routed layer's tokens are split evenly
+        over the B samples (the layer saw ``B * tokens_per_sample`` tokens). Layers whose token
+        count is not a multiple of B are skipped.
+        """
+        group_ids = torch.as_tensor(group_ids).reshape(-1).cpu().long()
+        if group_names is not None:
+            self._group_names = list(group_names)
+        num_groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
+        if self._group_names is not None:
+            num_groups = max(num_groups, len(self._group_names))
+        for name, layer in self._layers().items():
+            info = layer.last_routing
+            if info is None or group_ids.numel() == 0 or info.num_tokens % group_ids.numel():
+                continue
+            per_token_group = group_ids.repeat_interleave(info.num_tokens // group_ids.numel())
+            usage = info.usage_per_token().cpu()[:, :info.num_experts]  # [N, E]
+            usage = usage / usage.sum(-1, keepdim=True).clamp_min(1e-12)
+            total = torch.zeros(num_groups, info.num_experts, dtype=torch.float64)
+            total.index_add_(0, per_token_group, usage.double())
+            prev = self._group_usage.get(name)
+            if prev is not None and prev.shape[0] < num_groups:
+                prev = torch.cat([prev, torch.zeros(num_groups - prev.shape[0], prev.shape[1], dtype=prev.dtype)])
+            self._group_usage[name] = total if prev is None else prev + total
+
+    def group_usage(self) -> dict[str, np.ndarray]:
+        """{layer: [G, E]} share of each group's routing mass on each expert."""
+        out = {}
+        for name, u in self._group_usage.items():
+            out[name] = (u / u.sum(-1, keepdim=True).clamp_min(1e-12)).numpy()
+        return out
+
+    def on_test_epoch_start(self):
+        self._reset_routing_acc("test")
+        self._group_usage, self._group_names = {}, None
+        self.test_samples, self.test_step_time = 0, 0.0
+
+    def on_test_batch_start(self, batch, batch_idx, dataloader_idx=0):
+        self.test_samples += self.batch_size_of(batch)
+        self._t0 = time.perf_counter()
+
+    def on_test_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        self.test_step_time += time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        self._accumulate("test")
+
+    def on_test_epoch_end(self):
+        self.save_routing_plots()
+
+    def save_routing_plots(self) -> list[Path]:
+        """Write routing_load.png (layers x experts) and routing_by_group.png into run_dir."""
+        from zoo import plots
+
+        saved = []
+        summary = self.routing_summary("test")
+        if summary and self.trainer.is_global_zero:
+            path = self.run_dir / "routing_load.png"
+            plots.load_heatmap({k: v["load"] for k, v in summary.items()}, path,
+                               title=f"{type(self).__name__}: expert load per layer (test)")
+            saved.append(path)
+            usage = self.group_usage()
+            if usage:
+                path = self.run_dir / "routing_by_group.png"
+                plots.group_usage_heatmaps(usage, self._group_names, path,
+                                           title=f"{type(self).__name__}: expert usage per group (test)")
+                saved.append(path)
+        return saved
+
+    # ------------------------------------------------------------------ helpers for the harness
+    @property
+    def run_dir(self) -> Path:
+        """The folder of this run (logs, checkpoints, PNGs); created on first use."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:
+            trainer = None
+        path = Path(trainer.log_dir or trainer.default_root_dir) if trainer is not None else Path("runs/unattached")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def batch_size_of(self, batch) -> int:
+        t = _first_tensor(batch)
+        return int(t.shape[0]) if t is not None and t.dim() else 1
+
+    def flops_inputs(self) -> tuple:
+        """Inputs of ``self.forward`` for one sample; default: ``example_input_array`` cut to 1."""
+        example = getattr(self, "example_input_array", None)
+        if example is None:
+            raise TypeError(f"{type(self).__name__} must override flops_inputs() or set "
+                            "example_input_array so FLOPs per sample can be measured")
+        example = example if isinstance(example, tuple) else (example,)
+        return tuple(e[:1] if torch.is_tensor(e) else e for e in example)
+
+    def on_data(self, datamodule) -> None:
+        """Called by the harness once the datamodule is built, before fit/test/flops."""
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["zoo_rng"] = _get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint):
+        self._pending_rng = checkpoint.get("zoo_rng")
+
+
+def _get_rng_state() -> dict:
+    """RNG states as tensors, lists and strings, so checkpoints load with weights_only=True."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [int(v) for v in np_state[1]] + [int(np_state[2])],
+            "python": repr(random.getstate())}
+
+
+def _set_rng_state(state: dict) -> None:
+    import ast
+
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(np_state[:-1], dtype=np.uint32), int(np_state[-1])))
+    py = ast.literal_eval(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))

@@ -36,7 +36,8 @@ def dispatch(x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Ten
         kept_sorted = position < capacity
         ti, w = ti[kept_sorted], w[kept_sorted]
         counts = counts.clamp(max=capacity)
-    out = experts.forward_sorted(x[ti], counts)  # [A_kept, out]
+    # index_select's backward is an index_add (fast); x[ti] would backprop through index_put
+    out = experts.forward_sorted(x.index_select(0, ti), counts)  # [A_kept, out]
     y = x.new_zeros(x.shape[0], experts.out_dim)
     y = y.index_add(0, ti, out * w.unsqueeze(-1).to(out.dtype))
     # map "kept" back to the caller's assignment order

@@ -66,10 +66,14 @@ class MLPExperts(nn.Module):
     def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
         """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        # unbind once: one backward node stacks the per-expert grads, instead of E select-backwards
+        # that each materialise a zero tensor of the full [E, ...] weight
+        w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
         outs = []
         for e, xs in enumerate(torch.split(x_sorted, counts)):
             if xs.shape[0]:
-                outs.append(self.forward_expert(e, xs))
+                h = self.act(torch.addmm(b1[e], xs, w1[e]))
+                outs.append(torch.addmm(b2[e], h, w2[e]))
         if not outs:
             return x_sorted.new_zeros(0, self.out_dim)
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -252,7 +252,8 @@ def cmd_flops(args: list[str]):
     print(f"config:            {config}")
     print(f"model:             {type(model).__name__}")
     print(f"total params:      {d['total_params']:,}")
-    print(f"active params:     {d['active_params']:,}  ({d['active_params'] / d['total_params']:.1%} of total)")
+    share = f"  ({d['active_params'] / d['total_params']:.1%} of total)" if d["total_params"] else ""
+    print(f"active params:     {d['active_params']:,}{share}")
     print(f"FLOPs / sample:    {d['flops_per_sample']:,}")
 
 

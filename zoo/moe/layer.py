@@ -10,6 +10,7 @@ from torch import nn
 from .dispatch import dispatch
 from .experts import DenseFFN, MLPExperts
 from .losses import importance_load_loss, router_z_loss, smooth_load, switch_balance_loss
+from .parallel import expert_parallel_dispatch, world
 from .routers import ROUTERS, build_router
 from .routing import RoutedModule, RoutingInfo
 
@@ -43,7 +44,8 @@ class MoE(RoutedModule):
                  out_dim: int | None = None, activation: str = "gelu", expert: str = "mlp",
                  noise_std: float = 0.0, renormalize: bool = True, sample_train: bool = False,
                  balance: str | None = "switch", balance_weight: float = 0.01, z_weight: float = 0.0,
-                 num_gates: int = 1, slots_per_expert: int = 1, **router_kw):
+                 num_gates: int = 1, slots_per_expert: int = 1, expert_parallel: bool = False,
+                 ep_group=None, **router_kw):
         super().__init__()
         if expert != "mlp":
             raise ValueError(f"MoE expert={expert!r}: only 'mlp' experts live here; "
@@ -59,7 +61,19 @@ class MoE(RoutedModule):
         self.capacity_factor = capacity_factor
         self.balance, self.balance_weight, self.z_weight = balance, balance_weight, z_weight
         self.route_dim = route_dim
-        self.experts = MLPExperts(num_experts, dim, hidden, self.out_dim, activation)
+        # expert parallelism: with W ranks in the process group each holds E/W experts (dropless)
+        self.ep_group = ep_group
+        self.ep_rank, self.ep_size = world(ep_group) if expert_parallel else (0, 1)
+        self.expert_parallel = self.ep_size > 1
+        if self.expert_parallel:
+            if num_experts % self.ep_size:
+                raise ValueError(f"expert_parallel: num_experts={num_experts} must divide evenly over "
+                                 f"{self.ep_size} ranks")
+            if capacity_factor is not None or router in ("soft", "expert_choice"):
+                raise ValueError("expert_parallel supports dropless token-choice routing only "
+                                 "(capacity_factor=None, router topk/switch/multigate/dense_to_sparse)")
+        local = num_experts // self.ep_size
+        self.experts = MLPExperts(local, dim, hidden, self.out_dim, activation)
         self.shared = MLPExperts(shared_experts, dim, hidden, self.out_dim, activation) if shared_experts else None
         if isinstance(router, nn.Module):
             self.router = router
@@ -137,9 +151,14 @@ class MoE(RoutedModule):
             priority = torch.arange(kk, device=xf.device).repeat(n) * n + token_index
             k_idx = indices
         active = (expert_index < self.num_experts) & (flat_w != 0)
-        y, kept_active = dispatch(xf, token_index[active], expert_index[active], flat_w[active],
-                                  self.experts, capacity=self.capacity(n),
-                                  priority=None if priority is None else priority[active])
+        if self.expert_parallel:
+            y = expert_parallel_dispatch(xf, token_index[active], expert_index[active], flat_w[active],
+                                         self.experts, self.num_experts, self.ep_group)
+            kept_active = torch.ones(int(active.sum()), dtype=torch.bool, device=xf.device)
+        else:
+            y, kept_active = dispatch(xf, token_index[active], expert_index[active], flat_w[active],
+                                      self.experts, capacity=self.capacity(n),
+                                      priority=None if priority is None else priority[active])
         kept = torch.ones_like(active)
         kept[active] = kept_active
         probs = logits.float().softmax(-1)

@@ -1,0 +1,312 @@
+"""Demonstration data for the MoDE policy: built-in scripted demos, and the user's own files.
+
+File layout (``--data.root FILE``), the replay-buffer convention of Diffusion Policy that
+LeRobot / robomimic datasets reduce to, as ``.npz`` or HDF5 (``.h5`` / ``.hdf5``) with keys:
+
+- ``observations`` [N, obs_dim] float: state observations of all episodes, concatenated;
+- ``actions``      [N, act_dim] float: the action taken at each step;
+- ``episode_ends`` [E] int: cumulative end index of each episode (exclusive, last == N);
+- ``task_ids``     [E] int (optional): task of each episode, 0..T-1 (default all 0).
+
+Training samples are (observation history [To, obs_dim], action chunk [H, act_dim], task):
+the history before the episode start repeats the first observation and the chunk past the
+episode end repeats the last action (Diffusion Policy's padding). Splits are by episode.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .env import TASKS, MultiTask2DEnv, scripted_action, task_index
+
+REQUIRED = ("observations", "actions", "episode_ends")
+
+
+# ---------------------------------------------------------------------------- reading / checks
+def validate_demonstrations(demos: dict, source: str = "<arrays>", chunk: int | None = None,
+                            act_dim: int | None = None, obs_dim: int | None = None) -> dict:
+    """Check a demonstration dict and return it as clean numpy arrays.
+
+    Raises ValueError naming ``source`` and the field for: missing keys, wrong ranks,
+    mismatched lengths, NaN/inf values, bad episode boundaries, task ids out of range,
+    an action/observation width other than the expected one, episodes shorter than ``chunk``.
+    """
+    missing = [k for k in REQUIRED if k not in demos]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing}; a demonstration file needs "
+                         f"{list(REQUIRED)} (+ optional 'task_ids'), found {sorted(demos)}")
+    obs = np.asarray(demos["observations"], dtype=np.float32)
+    act = np.asarray(demos["actions"], dtype=np.float32)
+    ends = np.asarray(demos["episode_ends"])
+    for name, arr in (("observations", obs), ("actions", act)):
+        if arr.ndim != 2:
+            raise ValueError(f"{source}: field '{name}' must be 2-D [N, dim], got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
+            raise ValueError(f"{source}: field '{name}' has NaN/inf values (first at row {bad})")
+    if len(obs) != len(act):
+        raise ValueError(f"{source}: 'observations' has {len(obs)} rows but 'actions' has {len(act)}")
+    if act_dim is not None and act.shape[1] != act_dim:
+        raise ValueError(f"{source}: field 'actions' has dimension {act.shape[1]}, expected {act_dim}")
+    if obs_dim is not None and obs.shape[1] != obs_dim:
+        raise ValueError(f"{source}: field 'observations' has dimension {obs.shape[1]}, expected {obs_dim}")
+    if ends.ndim != 1 or len(ends) == 0 or not np.issubdtype(ends.dtype, np.integer):
+        raise ValueError(f"{source}: field 'episode_ends' must be a non-empty 1-D integer array, "
+                         f"got shape {ends.shape} dtype {ends.dtype}")
+    lengths = np.diff(np.concatenate([[0], ends]))
+    if (lengths <= 0).any() or ends[-1] != len(act):
+        raise ValueError(f"{source}: field 'episode_ends' must be strictly increasing cumulative end "
+                         f"indices ending at N={len(act)}, got {ends[:5].tolist()}...{ends[-1]}")
+    if chunk is not None and (lengths < chunk).any():
+        e = int(np.argmax(lengths < chunk))
+        raise ValueError(f"{source}: episode {e} has {lengths[e]} steps, shorter than the action chunk "
+                         f"({chunk}); drop short episodes or lower 'chunk'")
+    if "task_ids" in demos and demos["task_ids"] is not None:
+        tasks = np.asarray(demos["task_ids"])
+        if tasks.shape != ends.shape or not np.issubdtype(tasks.dtype, np.integer) or (tasks < 0).any():
+            raise ValueError(f"{source}: field 'task_ids' must be non-negative integers of shape "
+                             f"{ends.shape} (one per episode), got shape {tasks.shape} dtype {tasks.dtype}")
+    else:
+        tasks = np.zeros(len(ends), dtype=np.int64)
+    return {"observations": obs, "actions": act, "episode_ends": ends.astype(np.int64),
+            "task_ids": tasks.astype(np.int64)}
+
+
+def load_demonstrations(path, chunk: int | None = None, act_dim: int | None = None,
+                        obs_dim: int | None = None) -> dict:
+    """Read an ``.npz`` or HDF5 demonstration file (layout in the module docstring) and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"demonstration file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            demos = {k: f[k] for k in f.files}
+    elif suffix in (".h5", ".hdf5"):
+        try:
+            import h5py
+        except ImportError:
+            raise ImportError(f"reading {path} needs h5py: pip install h5py") from None
+        with h5py.File(path, "r") as f:
+            demos = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+    else:
+        raise ValueError(f"{path}: unknown demonstration format {suffix!r}; use .npz, .h5 or .hdf5")
+    return validate_demonstrations(demos, str(path), chunk=chunk, act_dim=act_dim, obs_dim=obs_dim)
+
+
+def save_demonstrations(path, demos: dict) -> Path:
+    """Write demonstrations in the plug-in layout (``.npz`` or ``.h5``/``.hdf5``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".npz":
+        np.savez_compressed(path, **demos)
+    else:
+        import h5py
+        with h5py.File(path, "w") as f:
+            for k, v in demos.items():
+                f.create_dataset(k, data=v)
+    return path
+
+
+def generate_demonstrations(tasks=TASKS, episodes_per_task: int = 100, noise: float = 0.1,
+                            seed: int = 0, min_length: int = 10) -> dict:
+    """Roll out the scripted expert of the built-in env, keeping successful episodes of at
+    least ``min_length`` steps (the action chunk; shorter ones are invalid demos).
+
+    ``noise`` is the std of Gaussian noise added to the EXECUTED action (DART-style), while
+    the recorded action is the expert's clean action at the perturbed state, so the policy
+    sees recoveries from small errors.
+    """
+    rng = np.random.default_rng(seed)
+    env = MultiTask2DEnv(render_mode=None)
+    obs_l, act_l, ends, task_l = [], [], [], []
+    n = 0
+    for task in tasks:
+        tid = task_index(task)
+        kept, attempt = 0, 0
+        while kept < episodes_per_task:
+            obs, _ = env.reset(seed=int(seed * 100_003 + tid * 10_007 + attempt), options={"task": tid})
+            attempt += 1
+            ep_obs, ep_act = [], []
+            while True:
+                a = scripted_action(obs, tid)
+                ep_obs.append(obs)
+                ep_act.append(a)
+                obs, _, term, trunc, info = env.step(np.clip(a + rng.normal(0, noise, 2), -1, 1))
+                if term or trunc:
+                    break
+            if not info["is_success"] or len(ep_act) < min_length:
+                continue
+            obs_l += ep_obs
+            act_l += ep_act
+            n += len(ep_obs)
+            ends.append(n)
+            task_l.append(tid)
+            kept += 1
+    return {"observations": np.asarray(obs_l, np.float32), "actions": np.asarray(act_l, np.float32),
+            "episode_ends": np.asarray(ends, np.int64), "task_ids": np.asarray(task_l, np.int64)}
+
+
+# ---------------------------------------------------------------------------- dataset
+class ChunkDataset(Dataset):
+    """Every step of the chosen episodes as (obs history, action chunk, task) samples."""
+
+    def __init__(self, demos: dict, episodes: np.ndarray, chunk: int, n_obs_steps: int):
+        self.obs = torch.as_tensor(demos["observations"])
+        self.act = torch.as_tensor(demos["actions"])
+        ends = demos["episode_ends"]
+        starts = np.concatenate([[0], ends[:-1]])
+        self.chunk, self.n_obs_steps = chunk, n_obs_steps
+        idx, lo, hi, task = [], [], [], []
+        for e in episodes:
+            s, t = int(starts[e]), int(ends[e])
+            idx.append(np.arange(s, t))
+            lo.append(np.full(t - s, s))
+            hi.append(np.full(t - s, t))
+            task.append(np.full(t - s, demos["task_ids"][e]))
+        cat = lambda xs: torch.as_tensor(np.concatenate(xs) if xs else np.zeros(0, np.int64))  # noqa: E731
+        self.index, self.lo, self.hi, self.task = cat(idx), cat(lo), cat(hi), cat(task)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        t, lo, hi = int(self.index[i]), int(self.lo[i]), int(self.hi[i])
+        obs_idx = torch.arange(t - self.n_obs_steps + 1, t + 1).clamp(min=lo)
+        act_idx = torch.arange(t, t + self.chunk).clamp(max=hi - 1)
+        return {"obs": self.obs[obs_idx], "action": self.act[act_idx], "task": self.task[i]}
+
+
+def min_max_stats(x: np.ndarray, eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension [min, max] with constant dimensions widened by eps (no division by 0)."""
+    lo, hi = x.min(0), x.max(0)
+    wide = (hi - lo) < eps
+    return np.where(wide, lo - eps, lo).astype(np.float32), np.where(wide, hi + eps, hi).astype(np.float32)
+
+
+class DiffusionPolicyDataModule(L.LightningDataModule):
+    """Built-in multitask 2-D demos (``root=None``) or the user's ``.npz``/HDF5 demonstrations.
+
+    Args:
+        root: None = generate demos with the built-in env's scripted expert; a path = a
+            demonstration file in the layout of the module docstring.
+        env: environment for closed-loop evaluation: "auto" (built-in env when root is None,
+            none for user files), "builtin", "pusht" (needs the ``[pusht]`` extra) or None.
+        tasks: built-in tasks to generate (names or ids); default all.
+        episodes_per_task, expert_noise: size and diversity of the built-in demos.
+        chunk, n_obs_steps: action chunk length H and observation history To.
+        val_fraction, test_fraction: episode fractions held out (action MSE on them).
+        eval_episodes: closed-loop episodes per task in ``test`` (0 = none).
+    """
+
+    def __init__(self, root: str | None = None, env: str | None = "auto", tasks: list | None = None,
+                 episodes_per_task: int = 100, expert_noise: float = 0.1, chunk: int = 10,
+                 n_obs_steps: int = 2, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 batch_size: int = 256, num_workers: int = 0, eval_episodes: int = 20,
+                 seed: int = 0):
+        super().__init__()
+        if env not in ("auto", "builtin", "pusht", None):
+            raise ValueError(f"data.env must be 'auto', 'builtin', 'pusht' or null, got {env!r}")
+        self.root, self.chunk, self.n_obs_steps = root, chunk, n_obs_steps
+        self.env_name = ("builtin" if root is None else None) if env == "auto" else env
+        self.tasks = [task_index(t) for t in (tasks or range(len(TASKS)))]
+        self.episodes_per_task, self.expert_noise = episodes_per_task, expert_noise
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.eval_episodes, self.seed = eval_episodes, seed
+        self.demos: dict | None = None
+
+    # -------------------------------------------------------------- shapes the model needs
+    def prepare(self) -> dict:
+        """Load/generate and split the demonstrations once (idempotent); returns the demos."""
+        if self.demos is not None:
+            return self.demos
+        if self.root is None:
+            demos = generate_demonstrations([TASKS[t] for t in self.tasks], self.episodes_per_task,
+                                            self.expert_noise, self.seed, min_length=self.chunk)
+            demos = validate_demonstrations(demos, "built-in demos", chunk=self.chunk)
+        else:
+            obs_dim, act_dim = self.env_dims()
+            demos = load_demonstrations(self.root, chunk=self.chunk, act_dim=act_dim, obs_dim=obs_dim)
+        num_ep = len(demos["episode_ends"])
+        perm = np.random.default_rng(self.seed).permutation(num_ep)
+        n_test = int(round(self.test_fraction * num_ep))
+        n_val = int(round(self.val_fraction * num_ep))
+        if num_ep - n_test - n_val < 1:
+            raise ValueError(f"{self.root or 'built-in demos'}: {num_ep} episodes leave none for training "
+                             f"after val_fraction={self.val_fraction}, test_fraction={self.test_fraction}")
+        self.split = {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]),
+                      "train": np.sort(perm[n_test + n_val:])}
+        starts = np.concatenate([[0], demos["episode_ends"][:-1]])
+        rows = np.concatenate([np.arange(starts[e], demos["episode_ends"][e]) for e in self.split["train"]])
+        self.obs_stats = min_max_stats(demos["observations"][rows])
+        self.act_stats = min_max_stats(demos["actions"][rows])
+        self.demos = demos
+        return demos
+
+    @property
+    def obs_dim(self) -> int:
+        return self.prepare()["observations"].shape[1]
+
+    @property
+    def act_dim(self) -> int:
+        return self.prepare()["actions"].shape[1]
+
+    @property
+    def num_tasks(self) -> int:
+        tasks = self.prepare()["task_ids"]
+        return max(int(tasks.max()) + 1, len(TASKS) if self.env_name == "builtin" else 1)
+
+    def task_names(self) -> list[str]:
+        if self.env_name == "builtin":
+            return list(TASKS)
+        return [f"task{i}" for i in range(self.num_tasks)]
+
+    def eval_tasks(self) -> list[int]:
+        """Task ids to evaluate closed loop (built-in: the ones trained on)."""
+        return self.tasks if self.env_name == "builtin" else sorted(set(self.prepare()["task_ids"].tolist()))
+
+    def env_dims(self) -> tuple[int | None, int | None]:
+        """(obs_dim, act_dim) the evaluation env expects (None, None without an env)."""
+        if self.env_name is None:
+            return None, None
+        env = self.make_env(self.tasks[0] if self.env_name == "builtin" else 0)
+        dims = env.observation_space.shape[0], env.action_space.shape[0]
+        env.close()
+        return dims
+
+    def make_env(self, task: int):
+        """A fresh evaluation env for ``task`` (None when there is no environment)."""
+        if self.env_name == "builtin":
+            return MultiTask2DEnv(task=task)
+        if self.env_name == "pusht":
+            from .pusht import make_pusht_env
+            return make_pusht_env()
+        return None
+
+    # -------------------------------------------------------------- lightning hooks
+    def setup(self, stage: str | None = None):
+        demos = self.prepare()
+        self.datasets = {k: ChunkDataset(demos, v, self.chunk, self.n_obs_steps) for k, v in self.split.items()}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, generator=g if shuffle else None,
+                          drop_last=shuffle and len(self.datasets[split]) > self.batch_size)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)
+
+    def predict_dataloader(self):
+        return self._loader("test", False)

@@ -49,8 +49,8 @@ def group_usage_heatmaps(usage: dict[str, np.ndarray], group_names: list[str] | 
     rows = math.ceil(len(names) / cols)
     g, e = next(iter(usage.values())).shape
     labels = group_names if group_names and len(group_names) >= g else [str(i) for i in range(g)]
-    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, cols * (2.0 + 0.4 * e)), max(2.8, rows * (1.4 + 0.35 * g))),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, cols * (2.8 + 0.4 * e)), max(2.8, rows * (1.4 + 0.35 * g))),
+                             squeeze=False, constrained_layout=True)
     for ax, name in zip(axes.flat, names):
         im = ax.imshow(usage[name], aspect="auto", cmap="magma", vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
@@ -59,7 +59,7 @@ def group_usage_heatmaps(usage: dict[str, np.ndarray], group_names: list[str] | 
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, label="share of routing mass", shrink=0.8)
-    fig.suptitle(title, y=1.02)
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -95,6 +95,11 @@ class ZooModule(L.LightningModule):
                 entry["entropy"] += float(-(p * p.log()).sum(-1).mean())
             entry["batches"] += 1
 
+    def accumulate_routing(self, stage: str = "test") -> None:
+        """Add every routed layer's last forward to the epoch totals (call after extra forwards,
+        e.g. each denoising step; the base already does it once per train/test batch)."""
+        self._accumulate(stage)
+
     def routing_summary(self, stage: str = "train") -> dict[str, dict]:
         """Per-layer load fractions, mean entropy, drop rate and null share accumulated so far."""
         out = {}

@@ -352,3 +352,13 @@ def test_moe_fits_a_piecewise_function_better_than_its_dense_twin():
         err_moe = nn.functional.mse_loss(m(xt), yt).item()
         err_dense = nn.functional.mse_loss(d(xt), yt).item()
     assert err_moe < 0.7 * err_dense, (err_moe, err_dense)
+
+
+def test_dense_twin_hidden_from_a_parameter_count():
+    moe = MoE(32, 64, num_experts=4, k=1)
+    active = sum(p.numel() for p in moe.parameters()) - moe.inactive_param_count()
+    assert dense_twin_hidden(active, dim=32) == dense_twin_hidden(moe)
+    h = dense_twin_hidden(1000, dim=10, out_dim=1)
+    assert abs(sum(p.numel() for p in DenseFFN(10, h, out_dim=1).parameters()) - 1000) <= 6
+    with pytest.raises(ValueError, match="dim="):
+        dense_twin_hidden(1000)

@@ -220,14 +220,24 @@ class MoE(RoutedModule):
                 f"null_experts={self.null_experts}")
 
 
-def dense_twin_hidden(moe: MoE) -> int:
+def dense_twin_hidden(moe: MoE | RoutedModule | int, dim: int | None = None, out_dim: int | None = None) -> int:
     """Hidden width h whose ``DenseFFN(dim, h, out_dim)`` has the MoE's active parameter count.
 
-    Active = all MoE parameters minus the experts a token does not use (router and shared
-    experts count). ``DenseFFN`` has ``h * (dim + out + 1) + out`` parameters.
+    ``moe`` is an ``MoE`` (dim/out_dim read from it), any other ``RoutedModule`` or a plain
+    active-parameter count (then pass ``dim``, and ``out_dim`` if it differs). Active = all
+    parameters minus those a token does not use (router and shared experts count).
+    ``DenseFFN`` has ``h * (dim + out + 1) + out`` parameters.
     """
-    active = sum(p.numel() for p in moe.parameters()) - moe.inactive_param_count()
-    return max(1, round((active - moe.out_dim) / (moe.dim + moe.out_dim + 1)))
+    if isinstance(moe, nn.Module):
+        active = sum(p.numel() for p in moe.parameters()) - moe.inactive_param_count()
+        dim = dim or getattr(moe, "dim", None)
+        out_dim = out_dim or getattr(moe, "out_dim", None) or dim
+    else:
+        active = int(moe)
+        out_dim = out_dim or dim
+    if not dim:
+        raise ValueError("dense_twin_hidden needs dim= when given a parameter count or a custom layer")
+    return max(1, round((active - out_dim) / (dim + out_dim + 1)))
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

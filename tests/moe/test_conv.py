@@ -1,0 +1,100 @@
+"""Channel-group conv experts (zoo.moe.conv.MoEConv2d)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from zoo.moe import aux_loss, routing_stats
+from zoo.moe.conv import ConvRouter, MoEConv2d
+
+
+def _flops(fn, *args, **kw) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn(*args, **kw)
+    return fc.get_total_flops()
+
+
+def test_top1_equals_per_sample_reference():
+    torch.manual_seed(0)
+    layer = MoEConv2d(3, 5, 3, num_experts=4, padding=1, stride=2, bias=True)
+    x = torch.randn(9, 3, 8, 8)
+    logits = torch.randn(9, 4)
+    y = layer(x, logits=logits)
+    chosen = logits.argmax(-1)
+    ref = torch.stack([F.conv2d(x[i:i + 1], layer.expert_weight(int(e)), layer.expert_bias(int(e)),
+                                stride=2, padding=1)[0] for i, e in enumerate(chosen)])
+    assert y.shape == (9, 5, 4, 4)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.last_routing.indices[:, 0], chosen)
+    assert layer.last_routing.token_index.numel() == 9  # each image goes to exactly k=1 expert
+
+
+def test_topk_mixes_groups_with_renormalised_weights():
+    torch.manual_seed(1)
+    layer = MoEConv2d(2, 3, 1, num_experts=3, k=2, router=None)
+    x, logits = torch.randn(4, 2, 5, 5), torch.randn(4, 3)
+    y = layer(x, logits=logits)
+    w, idx = logits.softmax(-1).topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    ref = torch.stack([sum(w[i, j] * layer.conv_expert(int(idx[i, j]), x[i:i + 1])[0] for j in range(2))
+                       for i in range(4)])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_only_chosen_group_is_computed():
+    """FLOPs of a top-1 MoE conv equal those of ONE expert-width conv, whatever E is."""
+    x = torch.randn(6, 8, 10, 10)
+    one = _flops(F.conv2d, x, torch.randn(16, 8, 3, 3), padding=1)
+    for e in (2, 4, 8):
+        layer = MoEConv2d(8, 16, 3, num_experts=e, padding=1, router=None)
+        with torch.no_grad():
+            assert _flops(layer, x, logits=torch.randn(6, e)) == one
+    full = _flops(F.conv2d, x, torch.randn(16 * 4, 8, 3, 3), padding=1)
+    assert full == 4 * one
+
+
+def test_straight_through_gate_sends_gradient_to_router():
+    torch.manual_seed(2)
+    layer = MoEConv2d(3, 4, 3, num_experts=2, padding=1)  # own ConvRouter on the input
+    x = torch.randn(5, 3, 6, 6)
+    y = layer(x)
+    # forward value of the gate is exactly 1: output equals the chosen expert's conv
+    chosen = layer.last_routing.indices[:, 0]
+    ref = torch.stack([layer.conv_expert(int(e), x[i:i + 1])[0] for i, e in enumerate(chosen)])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    assert layer.router.fc.weight.grad is not None and layer.router.fc.weight.grad.abs().sum() > 0
+    # gradient of the chosen score = <dL/dy, y> (straight-through identity)
+    logits = torch.randn(5, 2, requires_grad=True)
+    layer.zero_grad()
+    y = layer(x, logits=logits)
+    y.square().sum().backward()
+    expected = (2 * y.detach() * y.detach()).flatten(1).sum(1)
+    got = logits.grad.gather(1, layer.last_routing.indices)[:, 0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_inactive_params_and_stats():
+    layer = MoEConv2d(4, 6, 3, num_experts=4, k=1, router=None, balance_weight=0.1)
+    assert layer.inactive_param_count() == 3 * 6 * 4 * 9
+    net = torch.nn.Sequential(layer)
+    net.train()
+    layer(torch.randn(8, 4, 5, 5), logits=torch.randn(8, 4))
+    assert float(aux_loss(net)) > 0
+    stats = routing_stats(net)
+    (s,) = stats.values()
+    assert len(s["load"]) == 4 and abs(sum(s["load"]) - 1) < 1e-6
+
+
+def test_conv_router_and_bad_input():
+    r = ConvRouter(3, 5, (4, 8))
+    assert r(torch.randn(2, 3, 9, 9)).shape == (2, 5)
+    layer = MoEConv2d(3, 4, 3, num_experts=2, router=None)
+    with pytest.raises(ValueError, match="logits"):
+        layer(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"\[B=2, E=2\]"):
+        layer(torch.randn(2, 3, 5, 5), logits=torch.randn(2, 3))
+    with pytest.raises(ValueError, match="expects x"):
+        layer(torch.randn(2, 4, 5, 5), logits=torch.randn(2, 2))
+    with pytest.raises(ValueError, match="k=3"):
+        MoEConv2d(3, 4, 3, num_experts=2, k=3)

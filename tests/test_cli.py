@@ -89,6 +89,8 @@ def test_user_errors_exit_2_with_one_message(tmp_path):
     assert rc == 2 and "trainer.max_epochs" in out, out
     rc, out = zoo("test", "--config", MOE, "--run_dir", tmp_path / "empty", "--ckpt_path", "last", cwd=tmp_path)
     assert rc == 2 and "no checkpoint" in out, out
+    rc, out = zoo("fit", "--config", MOE, "--data.init_args.root", tmp_path / "missing.csv", cwd=tmp_path)
+    assert rc == 2 and "missing.csv" in out and "Namespace(" not in out and "Traceback" not in out, out
     rc, out = zoo("frobnicate", cwd=tmp_path)
     assert rc == 2 and "unknown command" in out
 

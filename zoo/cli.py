@@ -149,6 +149,8 @@ def _short_parse_error(msg: str) -> str:
         if ln.startswith(("Does not validate", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>",
                           "Given value type:")):
             continue
+        if ln.startswith("Given value:") and len(ln) > 120:
+            continue  # a dump of the whole namespace says nothing the other lines do not
         if ln.startswith("Parser key"):
             ln = ln.replace("Parser key", "key").rstrip(":")
         keep.append(ln.rstrip(":"))
@@ -298,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ZooError, FileNotFoundError, ValueError, KeyError) as err:
         if debug:
             raise
-        print(f"zoo: error: {err}", file=sys.stderr)
+        msg = str(err)
+        if "Union subtypes" in msg:  # a datamodule/model constructor error wrapped by jsonargparse
+            msg = _short_parse_error(msg)
+        print(f"zoo: error: {msg}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,225 @@
+"""What SAC and PPO share: building from the env's spaces, evaluation, learning curve, test metrics.
+
+`RLModule` is a `zoo.module.ZooModule` with manual optimisation. ``self.model`` is the actor
+(`MixturePolicy`), so parameter/FLOP counts, routing statistics and plots describe the policy;
+critics live next to it. Subclasses implement ``build_networks`` and ``training_step``.
+
+Each validation epoch plays ``data.eval_episodes`` deterministic episodes and appends
+(env steps, mean return) to the learning curve (plus one point before training starts);
+``test_step`` plays ``data.test_episodes`` episodes and logs ``test/return_mean``,
+``test/return_std``, ``test/curve_auc`` and ``test/steps_per_s``.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from zoo.module import ZooModule
+
+from .metrics import curve_auc, plot_pendulum_components, return_stats
+from .model import MixtureHead
+
+
+class RLModule(ZooModule):
+    monitor = "val/return_mean"
+    monitor_mode = "max"
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.env_steps = 0                 # environment steps taken by training so far
+        self.train_seconds = 0.0           # wall time inside training_step (acting + updates)
+        self.curve_steps: list[int] = []   # learning curve: env steps at each evaluation
+        self.curve_returns: list[float] = []
+        self._obs: np.ndarray | None = None           # current observation of the training envs
+        self._episode_return: np.ndarray | None = None
+
+    # ---- construction from the environment ---------------------------------------------------
+    def on_data(self, datamodule) -> None:
+        """Read the env's spaces, store them in hparams (so checkpoints rebuild) and build."""
+        spec = dict(obs_dim=datamodule.obs_dim, act_dim=datamodule.act_dim,
+                    action_low=[float(v) for v in datamodule.action_space.low],
+                    action_high=[float(v) for v in datamodule.action_space.high])
+        if all(self.hparams.get(k) == v for k, v in spec.items()) and self.model is not None:
+            return
+        self.hparams.update(spec)
+        self.build_networks()
+
+    def _spaces_known(self) -> bool:
+        return all(self.hparams.get(k) is not None for k in ("obs_dim", "act_dim", "action_low", "action_high"))
+
+    def build_networks(self) -> None:
+        raise NotImplementedError
+
+    def flops_inputs(self) -> tuple:
+        return (torch.zeros(1, self.hparams.obs_dim),)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action [B, A] for observations [B, O] (the inference path)."""
+        return self.model(obs)
+
+    def batch_size_of(self, batch) -> int:
+        return len(batch)
+
+    @property
+    def datamodule(self):
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            raise ValueError("the RL modules need an RLDataModule (pass datamodule= to the Trainer)")
+        return dm
+
+    def on_fit_start(self) -> None:
+        if self.model is None:
+            self.on_data(self.datamodule)
+        self._obs = None  # every fit starts its training envs from a seeded reset
+
+    # ---- training-environment helpers ----------------------------------------------------------
+    def reset_train_env(self) -> np.ndarray:
+        env = self.datamodule.train_env
+        seed = self.datamodule.seed
+        obs, _ = env.reset(seed=[seed + i for i in range(env.num_envs)])
+        self._episode_return = np.zeros(env.num_envs)
+        return obs
+
+    def step_train_env(self, action: np.ndarray):
+        """One vector step; returns (next_obs for the buffer, obs to continue from, reward,
+        terminated, done) with true final observations substituted where an episode ended."""
+        env = self.datamodule.train_env
+        obs, reward, terminated, truncated, info = env.step(action)
+        done = terminated | truncated
+        real_next = obs.copy()
+        if "final_obs" in info:
+            for i in np.nonzero(info["_final_obs"])[0]:
+                real_next[i] = info["final_obs"][i]
+        self._episode_return += reward
+        for i in np.nonzero(done)[0]:
+            self.log("train/episode_return", float(self._episode_return[i]), on_step=True, on_epoch=False)
+            self._episode_return[i] = 0.0
+        self.env_steps += env.num_envs
+        return real_next, obs, reward, terminated, done
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, seeds, keep_states: bool = False):
+        """Play one deterministic episode per seed, all in lockstep (batched policy forward).
+
+        Returns (returns [n], env steps played, visited observations [T, O] or None)."""
+        dm = self.datamodule
+        envs = [dm.make_env() for _ in seeds]
+        obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
+        returns = np.zeros(len(envs))
+        active, played, visited = list(range(len(envs))), 0, []
+        was_training = self.model.training
+        self.model.eval()
+        while active:
+            batch_obs = np.stack([obs[i] for i in active]).astype(np.float32)  # [n_active, O]
+            if keep_states:
+                visited.append(batch_obs)
+            x = torch.as_tensor(batch_obs, device=self.device)
+            actions = self.model.act(x, deterministic=True)[0].cpu().numpy()
+            still = []
+            for a, i in zip(actions, active):
+                obs[i], r, term, trunc, _ = envs[i].step(a)
+                returns[i] += r
+                played += 1
+                if not (term or trunc):
+                    still.append(i)
+            active = still
+        for env in envs:
+            env.close()
+        self.model.train(was_training)
+        return returns, played, (np.concatenate(visited) if keep_states else None)
+
+    def _add_curve_point(self, mean: float) -> None:
+        if self.curve_steps and self.curve_steps[-1] == self.env_steps:
+            self.curve_returns[-1] = mean
+        else:
+            self.curve_steps.append(self.env_steps)
+            self.curve_returns.append(mean)
+
+    def on_train_start(self) -> None:
+        if not self.curve_steps:  # return of the untrained policy: step 0 of the learning curve
+            seeds = self.datamodule.val_dataloader().dataset.seeds
+            self._add_curve_point(return_stats(self.evaluate(seeds)[0])[0])
+
+    def on_fit_end(self) -> None:
+        """Write the learning curve (env steps, mean evaluation return) as learning_curve.csv."""
+        if self.trainer.is_global_zero and self.curve_steps:
+            lines = ["env_steps,return_mean"] + [f"{s},{r:.6g}" for s, r in zip(self.curve_steps, self.curve_returns)]
+            (self.run_dir / "learning_curve.csv").write_text("\n".join(lines) + "\n")
+
+    def validation_step(self, batch, batch_idx):
+        if self.trainer.sanity_checking:
+            return
+        returns, _, _ = self.evaluate(batch.tolist())
+        mean, std = return_stats(returns)
+        self._add_curve_point(mean)
+        self.log("val/return_mean", mean, batch_size=len(batch))
+        self.log("val/return_std", std, batch_size=len(batch))
+        self.log("val/env_steps", float(self.env_steps), batch_size=len(batch))
+
+    def test_step(self, batch, batch_idx):
+        t0 = time.perf_counter()
+        returns, played, states = self.evaluate(batch.tolist(), keep_states=True)
+        eval_speed = played / max(time.perf_counter() - t0, 1e-9)
+        mean, std = return_stats(returns)
+        n = len(batch)
+        self.log("test/return_mean", mean, batch_size=n)
+        self.log("test/return_std", std, batch_size=n)
+        self.log("test/curve_auc", curve_auc(self.curve_steps, self.curve_returns), batch_size=n)
+        speed = self.env_steps / self.train_seconds if self.train_seconds > 0 else float("nan")
+        self.log("test/steps_per_s", speed, batch_size=n)
+        self.log("test/eval_steps_per_s", eval_speed, batch_size=n)
+        # zoo compare's inference samples/s counts `batch_size_of(batch)` (= episodes) per test
+        # batch; count the evaluated states instead, so the column reads policy steps per second.
+        self.test_samples += played - self.batch_size_of(batch)
+        if isinstance(self.model.head, MixtureHead):
+            self._component_usage(states)
+
+    @torch.no_grad()
+    def _component_usage(self, states: np.ndarray) -> None:
+        """Which expert acts in which evaluation states: routing over every visited state (for
+        the shared load/entropy statistics and heatmaps), the entropy of that usage, and for
+        Pendulum the usage split into upright vs swinging states (the phase-plane PNG is drawn
+        in ``on_test_epoch_end``)."""
+        x = torch.as_tensor(states, device=self.device)
+        logits = self.model.head.mixing_logits(self.model.features(x))
+        self.model.head._record(logits)  # last_routing now covers all evaluation states
+        usage = torch.bincount(logits.argmax(-1), minlength=self.model.num_components).float()
+        usage = usage / usage.sum()
+        entropy = -(usage * usage.clamp_min(1e-12).log()).sum() / np.log(self.model.num_components)
+        self.log("test/component_usage_entropy", float(entropy), batch_size=len(states))
+        if self._is_pendulum():
+            upright = torch.as_tensor(states[:, 0] > np.cos(np.pi / 6)).long()  # cos(theta) > cos 30deg
+            self.record_routing(1 - upright, ["upright |theta|<30deg", "swinging"])
+
+    def _is_pendulum(self) -> bool:
+        return self.datamodule.env_id.startswith("Pendulum") and self.hparams.obs_dim == 3
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        # drawn here, outside test_step, so the PNG does not count in zoo's inference timing
+        if isinstance(self.model.head, MixtureHead) and self._is_pendulum() and self.trainer.is_global_zero:
+            plot_pendulum_components(self.model, self.run_dir / "pendulum_components.png")
+
+    # ---- checkpointed training state -----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = {"env_steps": self.env_steps, "train_seconds": self.train_seconds,
+                 "curve_steps": list(self.curve_steps), "curve_returns": list(self.curve_returns)}
+        checkpoint["rl_state"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("rl_state", {})
+        steps = [int(s) for s in state.get("curve_steps", [])]
+        if len(self.curve_steps) > len(steps) and self.curve_steps[:len(steps)] == steps:
+            # Testing the best checkpoint right after fit (zoo compare): the learning curve,
+            # step count and speed describe the whole run, not the epoch the checkpoint is from.
+            return
+        self.env_steps = int(state.get("env_steps", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.curve_steps = steps
+        self.curve_returns = [float(r) for r in state.get("curve_returns", [])]

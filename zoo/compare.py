@@ -117,14 +117,16 @@ def compare(configs: list[Path], seeds: int = 3, out: Path = Path("runs/compare"
     labels = _labels(configs)
     results: dict[str, list[dict]] = defaultdict(list)
     runs = [(label, cfg, seed) for label, cfg in zip(labels, configs) for seed in range(seeds)]
+    command = ("zoo compare " + " ".join(shlex.quote(str(c)) for c in configs) +
+               f" --seeds {seeds} --out {out} " + " ".join(shlex.quote(o) for o in overrides)).strip()
     bar = tqdm(runs, desc="zoo compare", unit="run", file=sys.stderr)
     for label, cfg, seed in bar:
         bar.set_postfix_str(f"{label} seed {seed}")
         run_dir = out / "runs" / label.replace("/", "_") / f"seed{seed}"
         results[label].append(run_one(cfg, seed, run_dir, list(overrides)))
-    command = "zoo compare " + " ".join(shlex.quote(str(c)) for c in configs) + \
-        f" --seeds {seeds} --out {out} " + " ".join(shlex.quote(o) for o in overrides)
-    table = write_outputs(results, out, seeds, command.strip())
+        # rewrite the tables after every run, so a crash or a stop later keeps what finished
+        write_outputs(results, out, seeds, command)
+    table = write_outputs(results, out, seeds, command)
     print((out / "compare.md").read_text())
     print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}; "
           f"per-run logs and routing PNGs under {out / 'runs'}")

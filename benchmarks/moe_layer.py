@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -102,14 +101,26 @@ def step(model, x):
     y.float().pow(2).mean().backward()
 
 
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
 def worker(method: str, t: int) -> None:
-    """Peak RSS growth (MiB) of one forward+backward, printed as JSON."""
+    """Peak resident-set growth (MiB) of one forward+backward, printed as JSON.
+
+    The kernel's high-water mark is reset first (``/proc/self/clear_refs`` 5), so the peak is
+    this step's, not the import's."""
     model = build(method)
     x = torch.randn(t, D, requires_grad=True)
     step(model, torch.randn(64, D, requires_grad=True))  # warm up allocator and kernels
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
     step(model, x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"peak_mib": (peak - base) / 1024}))
 
 

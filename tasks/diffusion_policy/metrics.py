@@ -10,12 +10,13 @@
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 from torchmetrics import Metric
+
+from zoo.flops import time_forward
 
 Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (obs [B, To, O], task [B]) -> [B, H, A]
 
@@ -95,13 +96,5 @@ def count_flops(fn: Callable, *args) -> int:
 
 
 def time_ms(fn: Callable, *args, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn(*args)`` in milliseconds."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(*args)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    """Median wall time of ``fn(*args)`` in milliseconds (``zoo.flops.time_forward``)."""
+    return time_forward(fn, *args, repeats=repeats, warmup=warmup) * 1e3

@@ -51,7 +51,8 @@ class RLModule(ZooModule):
         return all(self.hparams.get(k) is not None for k in ("obs_dim", "act_dim", "action_low", "action_high"))
 
     def build_networks(self) -> None:
-        raise NotImplementedError
+        """Build actor/critics once the spaces are known (SAC and PPO each define theirs)."""
+        raise TypeError(f"{type(self).__name__} must define build_networks()")
 
     def flops_inputs(self) -> tuple:
         return (torch.zeros(1, self.hparams.obs_dim),)

@@ -86,7 +86,7 @@ class _AppendingWriter(ExperimentWriter):
             self.metrics_keys = sorted(set(header))
 
     def _check_log_dir_exists(self) -> None:
-        pass
+        """Lightning deletes an existing metrics.csv here; a resumed run must keep it."""
 
 
 class ZooCSVLogger(CSVLogger):

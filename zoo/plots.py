@@ -11,12 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, dpi: int = 110, tight: bool = True) -> Path:
+    """Write ``fig`` as PNG to ``path`` (parents created), close it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return path
+
+
+_save = save_figure
 
 
 def load_heatmap(load_by_layer: dict[str, list[float]], path: Path, title: str = "expert load") -> Path:

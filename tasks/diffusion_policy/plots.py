@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from zoo.plots import save_figure  # noqa: E402
+
 
 def expert_usage_by_noise(usage: np.ndarray, sigmas: np.ndarray, path: Path,
                           title: str = "MoDE: expert gate weight per noise level") -> Path:
@@ -23,11 +25,7 @@ def expert_usage_by_noise(usage: np.ndarray, sigmas: np.ndarray, path: Path,
         ax.set_yticks(range(num_experts), [f"e{i}" for i in range(num_experts)])
     fig.colorbar(im, ax=axes[0].tolist(), label="gate weight", shrink=0.85)
     fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, tight=True)
 
 
 def rollout_strip(frames_by_task: dict[str, list[np.ndarray]], path: Path, panels: int = 5,
@@ -45,8 +43,4 @@ def rollout_strip(frames_by_task: dict[str, list[np.ndarray]], path: Path, panel
             axes[r, c].set_yticks([])
             axes[r, c].set_title(f"{name} t={t}", fontsize=8)
     fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, tight=True)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from zoo.plots import save_figure
+
 from .data import IMAGE_MEAN, IMAGE_STD
 
 
@@ -49,8 +51,4 @@ def plot_predictions(batch: dict, out: dict, path: Path, title: str = "test imag
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, tight=False)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zoo.plots import save_figure
+
 
 def return_stats(returns) -> tuple[float, float]:
     """Mean and (population) std of episode returns."""
@@ -90,11 +92,7 @@ def plot_pendulum_components(policy, path: Path, n: int = 101) -> Path:
         ax.set_xlabel("angle theta (0 = upright)")
         ax.set_ylabel("angular velocity")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, tight=False)
 
 
 def plot_learning_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], path: Path,
@@ -118,8 +116,4 @@ def plot_learning_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]],
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, tight=False)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo.plots import save_figure
+
 
 def score_curves(curves: list[dict], path: Path, title: str = "") -> Path:
     """One panel per video: final score (and the encoder's) over snippets, shaded ground truth.
@@ -31,10 +33,7 @@ def score_curves(curves: list[dict], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, tight=False)
 
 
 def expert_usage(usage: np.ndarray, row_names: list[str], expert_names: list[str], path: Path,
@@ -58,7 +57,4 @@ def expert_usage(usage: np.ndarray, row_names: list[str], expert_names: list[str
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, tight=False)

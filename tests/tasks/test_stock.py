@@ -153,12 +153,7 @@ def test_long_and_wide_files_load_with_default_keys(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["x"].shape == (1, 5, 20, 15) and dm.panel.benchmark_name == "equal_weight"
     long = long_panel(prices.iloc[:60])
-    paths = [tmp_path / "panel.csv"]
-    try:
-        import pyarrow  # noqa: F401  (parquet engine)
-        paths.append(tmp_path / "panel.parquet")
-    except ImportError:
-        pass
+    paths = [tmp_path / "panel.csv", tmp_path / "panel.parquet"]  # parquet via pyarrow ([stock] extra)
     for path in paths:
         long.to_csv(path, index=False) if path.suffix == ".csv" else long.to_parquet(path, index=False)
         dm = StockDataModule(root=str(path))

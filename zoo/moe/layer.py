@@ -134,7 +134,7 @@ class MoE(RoutedModule):
         return y.reshape(*lead, self.out_dim)
 
     def _forward_sparse(self, xf, rf, lead):
-        n, e_total = xf.shape[0], self.num_experts + self.null_experts
+        n = xf.shape[0]
         indices, weights, logits = self.router(xf, rf)
         if self.kind == "expert":  # indices [E, C] = tokens picked by each expert
             c = indices.shape[1]

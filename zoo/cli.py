@@ -108,9 +108,15 @@ class ZooCLI(LightningCLI):
         self.zoo_subcommand = zoo_subcommand
         super().__init__(*a, **kw)
 
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument("--expert_parallel", type=bool, default=False,
+                            help="under a multi-process strategy (--trainer.strategy ddp), split every "
+                                 "MoE layer's experts over the ranks (all-to-all token exchange)")
+
     def _instantiate_trainer(self, config, callbacks):
         if self.datamodule is not None:
             self.model.on_data(self.datamodule)
+        self.model.expert_parallel = bool(self.config.get("expert_parallel", False))
         monitor = getattr(self.model, "monitor", None)
         callbacks = list(callbacks) + [ModelCheckpoint(
             dirpath=self.run_dir / "checkpoints", filename="best", monitor=monitor,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from zoo.moe import aux_loss, routed_layers
+from zoo.moe import parallel
 
 
 def _first_tensor(obj):
@@ -49,6 +50,9 @@ class ZooModule(L.LightningModule):
     monitor: str = "val/loss"
     monitor_mode: str = "min"
     model: nn.Module | None
+    #: set by the CLI from the config's top-level ``expert_parallel: true``: under a multi-process
+    #: strategy (``--trainer.strategy ddp``) every MoE layer that can be split keeps E/W experts
+    expert_parallel: bool = False
 
     def __init__(self):
         super().__init__()
@@ -126,7 +130,27 @@ class ZooModule(L.LightningModule):
             _set_rng_state(state)
             torch.empty((), dtype=torch.int64).random_()
 
+    def _sync_routing_acc(self, stage: str) -> None:
+        """Sum the routing totals over the ranks of a distributed run (every rank calls it)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:
+            return
+        if trainer.world_size <= 1:
+            return
+        acc = getattr(self, f"_{stage}_acc")
+        for name in sorted(acc):
+            a = acc[name]
+            packed = torch.cat([a["counts"], torch.tensor([a["assign"], a["dropped"], a["null"], a["entropy"],
+                                                            a["batches"]], dtype=torch.float64)])
+            packed = trainer.strategy.reduce(packed.to(self.device), reduce_op="sum").cpu()
+            e = a["counts"].numel()
+            a["counts"] = packed[:e]
+            a["assign"], a["dropped"], a["null"] = (int(v) for v in packed[e:e + 3])
+            a["entropy"], a["batches"] = float(packed[e + 3]), int(packed[e + 4])
+
     def on_train_epoch_end(self):
+        self._sync_routing_acc("train")
         logs = {}
         for name, s in self.routing_summary("train").items():
             e = len(s["load"])
@@ -137,7 +161,7 @@ class ZooModule(L.LightningModule):
             for i, v in enumerate(s["load"]):
                 logs[f"routing/{name}/load_e{i}"] = v
         if logs:
-            self.log_dict(logs)
+            self.log_dict(logs, sync_dist=True)  # already summed over ranks: the mean changes nothing
 
     # ------------------------------------------------------------------ test-time usage
     def record_routing(self, group_ids: torch.Tensor, group_names: list[str] | None = None):
@@ -188,6 +212,7 @@ class ZooModule(L.LightningModule):
         self._accumulate("test")
 
     def on_test_epoch_end(self):
+        self._sync_routing_acc("test")
         self.save_routing_plots()
 
     def save_routing_plots(self) -> list[Path]:
@@ -217,7 +242,14 @@ class ZooModule(L.LightningModule):
             trainer = self.trainer
         except RuntimeError:
             trainer = None
-        path = Path(trainer.log_dir or trainer.default_root_dir) if trainer is not None else Path("runs/unattached")
+        if trainer is None:
+            path = Path("runs/unattached")
+        else:
+            # trainer.log_dir without its broadcast: that is a collective call, and this property
+            # is also used by rank 0 alone (plots), which would leave the other ranks waiting
+            logger = trainer.loggers[0] if trainer.loggers else None
+            path = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+                        or trainer.default_root_dir)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -237,12 +269,36 @@ class ZooModule(L.LightningModule):
     def on_data(self, datamodule) -> None:
         """Called by the harness once the datamodule is built, before fit/test/flops."""
 
+    # ------------------------------------------------------------------ expert parallelism
+    def configure_model(self) -> None:
+        """Split the experts over the ranks once the process group exists (Lightning builds the
+        model in every process before it creates the group, and calls this hook after)."""
+        if not self.expert_parallel or self.model is None:
+            return
+        rank, size = parallel.world()
+        if size == 1 or parallel.sharded_layers(self.model):
+            return
+        report = parallel.shard_experts(self.model, grad_scale=1.0 / size)
+        if not report and rank == 0:
+            print("expert_parallel: this model has no zoo.moe.MoE layer to split; its experts stay "
+                  "replicated (plain data parallelism)")
+        names = parallel.ddp_ignore_expert_params(self)  # expert shards are not DDP replicas
+        if rank == 0:
+            kept = {k: v for k, v in report.items() if v != "sharded"}
+            print(f"expert_parallel: {len(report) - len(kept)} MoE layer(s) split over {size} ranks "
+                  f"({len(names)} expert tensors excluded from DDP's all-reduce)"
+                  + "".join(f"; {k} stays replicated: {v}" for k, v in kept.items()))
+
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint):
         checkpoint["zoo_rng"] = _get_rng_state()
+        # sharded experts are gathered (collectively) so the file holds the whole model
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        parallel.gather_expert_checkpoint(self, checkpoint, optimizers)
 
     def on_load_checkpoint(self, checkpoint):
         self._pending_rng = checkpoint.get("zoo_rng")
+        parallel.slice_expert_checkpoint(self, checkpoint)
 
 
 def _get_rng_state() -> dict:

@@ -55,6 +55,14 @@ class MLPExperts(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
+    def keep_experts(self, lo: int, hi: int) -> None:
+        """Keep only experts ``lo .. hi-1`` (this rank's shard under expert parallelism)."""
+        if not 0 <= lo < hi <= self.num_experts:
+            raise ValueError(f"keep_experts({lo}, {hi}) outside 0..{self.num_experts}")
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad))
+        self.num_experts = hi - lo
+
     def params_per_expert(self) -> int:
         return self.dim * self.hidden + self.hidden + self.hidden * self.out_dim + self.out_dim
 

@@ -61,19 +61,10 @@ class MoE(RoutedModule):
         self.capacity_factor = capacity_factor
         self.balance, self.balance_weight, self.z_weight = balance, balance_weight, z_weight
         self.route_dim = route_dim
-        # expert parallelism: with W ranks in the process group each holds E/W experts (dropless)
-        self.ep_group = ep_group
-        self.ep_rank, self.ep_size = world(ep_group) if expert_parallel else (0, 1)
-        self.expert_parallel = self.ep_size > 1
-        if self.expert_parallel:
-            if num_experts % self.ep_size:
-                raise ValueError(f"expert_parallel: num_experts={num_experts} must divide evenly over "
-                                 f"{self.ep_size} ranks")
-            if capacity_factor is not None or router in ("soft", "expert_choice"):
-                raise ValueError("expert_parallel supports dropless token-choice routing only "
-                                 "(capacity_factor=None, router topk/switch/multigate/dense_to_sparse)")
-        local = num_experts // self.ep_size
-        self.experts = MLPExperts(local, dim, hidden, self.out_dim, activation)
+        self.experts = MLPExperts(num_experts, dim, hidden, self.out_dim, activation)
+        # expert parallelism: with W ranks in the process group each keeps E/W of the experts
+        # (all ranks build the same full set first, so a seeded init matches a single process)
+        self.ep_group, self.ep_rank, self.ep_size, self.expert_parallel = None, 0, 1, False
         self.shared = MLPExperts(shared_experts, dim, hidden, self.out_dim, activation) if shared_experts else None
         if isinstance(router, nn.Module):
             self.router = router
@@ -87,6 +78,8 @@ class MoE(RoutedModule):
                 slots_per_expert=slots_per_expert, capacity_factor=capacity_factor or 1.0, **router_kw)
             self.router_name = router
         self.kind = getattr(self.router, "kind", "token")
+        if expert_parallel and world(ep_group)[1] > 1:
+            self.shard_experts(ep_group)
 
     # ------------------------------------------------------------------ helpers
     def _flat_route(self, route: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
@@ -102,6 +95,34 @@ class MoE(RoutedModule):
             raise ValueError(f"MoE route= of shape {tuple(route.shape)} does not broadcast to the "
                              f"tokens' leading shape {tuple(lead)}") from None
         return route.reshape(-1, route.shape[-1])
+
+    def shardable(self, world_size: int) -> str | None:
+        """Why this layer cannot be split over ``world_size`` ranks (None when it can)."""
+        if self.num_experts % world_size:
+            return f"num_experts={self.num_experts} does not divide evenly over {world_size} ranks"
+        if self.capacity_factor is not None or self.kind != "token":
+            return ("expert parallelism supports dropless token-choice routing only "
+                    "(capacity_factor=None, router topk/switch/multigate/dense_to_sparse)")
+        return None
+
+    def shard_experts(self, group=None) -> None:
+        """Keep this rank's E/W experts and exchange tokens with the others by all-to-all.
+
+        Called at construction when a process group exists, or later (Lightning creates the
+        group after the model is built: ``ZooModule.configure_model`` calls
+        :func:`zoo.moe.parallel.shard_experts`). Rank r keeps experts ``r*E/W .. (r+1)*E/W-1``.
+        """
+        if self.expert_parallel:
+            return
+        rank, size = world(group)
+        if size == 1:
+            return
+        why = self.shardable(size)
+        if why:
+            raise ValueError(f"expert_parallel: {why}")
+        local = self.num_experts // size
+        self.experts.keep_experts(rank * local, (rank + 1) * local)
+        self.ep_group, self.ep_rank, self.ep_size, self.expert_parallel = group, rank, size, True
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None or self.kind != "token":

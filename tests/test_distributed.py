@@ -165,3 +165,25 @@ def test_ddp_expert_parallel_resume_is_exact(workdir):
     assert b["epoch"] == a["epoch"] and b["global_step"] == a["global_step"] == 12
     for k in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_a_task_trains_on_two_ranks_with_split_experts_and_its_checkpoint_tests_in_one(tmp_path):
+    """diffusion_policy: SwiGLU experts split over 2 ranks, EMA weights and expert caching; the
+    checkpoint (experts and their EMA copy gathered) is tested in a single process."""
+    cfg = ROOT / "configs/diffusion_policy/moe.yaml"
+    tiny = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    run = tmp_path / "dp"
+    out = zoo("fit", "--config", cfg, *tiny, "--trainer.strategy=ddp", "--trainer.devices=2",
+              "--expert_parallel=true", "--run_dir", run, cwd=tmp_path)
+    assert "MoE layer(s) split over 2 ranks" in out, out[-2000:]
+    ckpt = state(run)
+    experts = [k for k in ckpt["state_dict"] if k.endswith("ffn.experts.w1")]
+    assert experts and all(ckpt["state_dict"][k].shape[0] == 4 for k in experts)
+    assert all(ckpt["ema_state"][k.removeprefix("model.")].shape[0] == 4 for k in experts)
+    zoo("test", "--config", cfg, "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false",
+        "--run_dir", run, "--ckpt_path", "last", cwd=tmp_path)
+    metrics = {k: float(v) for row in csv.DictReader(open(run / "test" / "metrics.csv")) for k, v in row.items()
+               if k.startswith("test/") and v}
+    # the deployed sampler (expert cache built from the gathered experts) predicts actions
+    assert 0 <= metrics["test/action_mse"] < 10 and 0 <= metrics["test/success_rate"] <= 1, metrics

@@ -279,11 +279,11 @@ class ZooModule(L.LightningModule):
         if size == 1 or parallel.sharded_layers(self.model):
             return
         report = parallel.shard_experts(self.model, grad_scale=1.0 / size)
+        names = parallel.ddp_ignore_expert_params(self)  # expert shards are not DDP replicas
         if not report and rank == 0:
             print("expert_parallel: this model has no zoo.moe.MoE layer to split; its experts stay "
                   "replicated (plain data parallelism)")
-        names = parallel.ddp_ignore_expert_params(self)  # expert shards are not DDP replicas
-        if rank == 0:
+        elif rank == 0:
             kept = {k: v for k, v in report.items() if v != "sharded"}
             print(f"expert_parallel: {len(report) - len(kept)} MoE layer(s) split over {size} ranks "
                   f"({len(names)} expert tensors excluded from DDP's all-reduce)"

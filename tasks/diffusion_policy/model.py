@@ -28,68 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.moe import MoE, RoutingInfo
+from zoo.moe import MoE, RoutingInfo, SwiGLUExperts, dense_twin_hidden
+from zoo.moe.parallel import gather_experts
 from zoo.moe.routers import TopKRouter
 
 
 # ---------------------------------------------------------------------------- experts
-class SwiGLUExperts(nn.Module):
-    """E SwiGLU MLPs ``out = ((x W1_e + b1_e) * silu(x W3_e + b3_e)) W2_e + b2_e``, batched.
-
-    Same layout and call interface as ``zoo.moe.experts.MLPExperts`` (``w1 [E, dim, hidden]``,
-    ``w2 [E, hidden, out]``, ``forward_sorted``, ``forward_batched``, ``forward_all``,
-    ``params_per_expert``) plus the gate projection ``w3 [E, dim, hidden]``, ``b3``.
-    """
-
-    def __init__(self, num_experts: int, dim: int, hidden: int, out_dim: int | None = None):
-        super().__init__()
-        out_dim = out_dim or dim
-        self.num_experts, self.dim, self.hidden, self.out_dim = num_experts, dim, hidden, out_dim
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
-        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.b3 = nn.Parameter(torch.empty(num_experts, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_dim))
-        self.b2 = nn.Parameter(torch.empty(num_experts, out_dim))
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        for w, b, fan_in in ((self.w1, self.b1, self.dim), (self.w3, self.b3, self.dim),
-                             (self.w2, self.b2, self.hidden)):
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
-
-    def params_per_expert(self) -> int:
-        return 2 * (self.dim * self.hidden + self.hidden) + self.hidden * self.out_dim + self.out_dim
-
-    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on tokens x [n, dim] -> [n, out]."""
-        h = torch.addmm(self.b1[e], x, self.w1[e]) * F.silu(torch.addmm(self.b3[e], x, self.w3[e]))
-        return torch.addmm(self.b2[e], h, self.w2[e])
-
-    def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
-        """Tokens grouped by expert (``counts[e]`` rows for expert e) -> [sum(counts), out]."""
-        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
-        outs = [self.forward_expert(e, xs) for e, xs in enumerate(torch.split(x_sorted, counts))
-                if xs.shape[0]]
-        if not outs:
-            return x_sorted.new_zeros(0, self.out_dim)
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
-        """Buckets x [E, C, dim] -> [E, C, out]."""
-        h = torch.baddbmm(self.b1[:, None], x, self.w1) * F.silu(torch.baddbmm(self.b3[:, None], x, self.w3))
-        return torch.baddbmm(self.b2[:, None], h, self.w2)
-
-    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token: x [N, dim] -> [E, N, out]."""
-        return self.forward_batched(x.unsqueeze(0).expand(self.num_experts, *x.shape))
-
-    def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, out_dim={self.out_dim}"
-
-
+# SwiGLUExperts (batched, sliceable for expert parallelism) live in zoo.moe.experts.
 class SwiGLUFFN(nn.Module):
     """Dense SwiGLU FFN (the dense twin, and the fused cached expert): ``(xW1) * silu(xW3) W2``."""
 
@@ -160,7 +105,7 @@ class NoiseMoE(MoE):
         projection stacked with each block scaled by its gate, the output bias mixed.
         """
         idx, w = self.route_of(noise_emb)
-        ex = self.experts
+        ex = gather_experts(self)  # all E experts, also when they are split over ranks
         fused = nn.utils.skip_init(SwiGLUFFN, self.dim, self.k * self.hidden, self.out_dim,
                                    device=ex.w1.device, dtype=ex.w1.dtype)  # weights are set below
         fused.w1.weight.copy_(torch.cat([ex.w1[e].t() for e in idx.tolist()], 0))  # [kH, D]
@@ -189,9 +134,8 @@ class NoiseMoE(MoE):
 
 def swiglu_twin_hidden(moe: NoiseMoE) -> int:
     """Hidden width of the dense SwiGLU FFN whose parameters equal the MoE's ACTIVE ones
-    (router + k experts)."""
-    active = sum(p.numel() for p in moe.parameters()) - moe.inactive_param_count()
-    return max(1, round((active - moe.out_dim) / (2 * moe.dim + 2 + moe.out_dim)))
+    (router + k experts): ``zoo.moe.dense_twin_hidden`` for SwiGLU experts."""
+    return dense_twin_hidden(moe, swiglu=True)
 
 
 # ---------------------------------------------------------------------------- transformer

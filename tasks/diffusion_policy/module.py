@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from zoo.moe.parallel import gather_expert_state, slice_expert_state
 from zoo.module import ZooModule
 
 from .edm import edm_loss, exponential_sigmas, precondition, sample_ddim, sample_log_logistic
@@ -224,12 +225,16 @@ class DiffusionPolicyModule(ZooModule):
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
         if self.ema_state is not None:
-            checkpoint["ema_state"] = {k: v.detach().cpu() for k, v in self.ema_state.items()}
+            ema = {k: v.detach().cpu() for k, v in self.ema_state.items()}
+            gather_expert_state(self.model, ema)  # whole experts when they are split over ranks
+            checkpoint["ema_state"] = ema
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
         self._from_checkpoint = True
         ema = checkpoint.get("ema_state")
+        if ema:
+            slice_expert_state(self.model, ema)  # this rank's experts under expert parallelism
         self.ema_state = {k: v.to(self.device) for k, v in ema.items()} if ema else None
         self._cache = None
 

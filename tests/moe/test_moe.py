@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoo.moe import (MoE, DenseFFN, MLPExperts, aux_loss, build_router, dense_twin_hidden, moe_mlp,
@@ -362,3 +363,35 @@ def test_dense_twin_hidden_from_a_parameter_count():
     assert abs(sum(p.numel() for p in DenseFFN(10, h, out_dim=1).parameters()) - 1000) <= 6
     with pytest.raises(ValueError, match="dim="):
         dense_twin_hidden(1000)
+
+
+def test_swiglu_experts_match_per_expert_formula_and_their_dense_twin():
+    torch.manual_seed(3)
+    moe = MoE(12, 20, num_experts=4, k=2, expert="swiglu")
+    x = torch.randn(30, 12)
+    y = moe(x)
+    info, ex = moe.last_routing, moe.experts
+    ref = torch.zeros_like(y)
+    for t, e, w in zip(info.token_index.tolist(), info.expert_index.tolist(), info.weights):
+        h = (x[t] @ ex.w1[e] + ex.b1[e]) * F.silu(x[t] @ ex.w3[e] + ex.b3[e])
+        ref[t] += w * (h @ ex.w2[e] + ex.b2[e])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # the twin is a SwiGLU FFN with the MoE's active parameter count (within one hidden unit)
+    active = sum(p.numel() for p in moe.parameters()) - moe.inactive_param_count()
+    dense = DenseFFN(12, dense_twin_hidden(moe), activation="swiglu")
+    assert abs(sum(p.numel() for p in dense.parameters()) - active) <= (2 * 12 + 12 + 2) / 2 + 1
+    assert dense(x).shape == y.shape
+    with pytest.raises(ValueError, match="expert='conv'"):
+        MoE(12, 20, expert="conv")
+
+
+def test_keep_experts_slices_every_batched_weight():
+    torch.manual_seed(0)
+    moe = MoE(8, 16, num_experts=4, k=2, expert="swiglu")
+    full = {n: p.detach().clone() for n, p in moe.experts.named_parameters()}
+    moe.experts.keep_experts(2, 4)
+    assert moe.experts.num_experts == 2
+    for n, p in moe.experts.named_parameters():
+        torch.testing.assert_close(p, full[n][2:4])
+    with pytest.raises(ValueError, match="outside"):
+        moe.experts.keep_experts(1, 3)

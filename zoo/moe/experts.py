@@ -29,31 +29,34 @@ def get_activation(name: str):
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
-class MLPExperts(nn.Module):
-    """E independent MLPs ``out = act(x W1_e + b1_e) W2_e + b2_e`` stored as batched weights."""
+class BatchedExperts(nn.Module):
+    """Base of E experts stored as batched weights whose leading dim is the expert.
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, out_dim: int | None = None,
-                 activation: str = "gelu"):
+    A subclass defines ``forward_expert(e, x)``, ``forward_batched(x [E, C, dim])`` and
+    ``params_per_expert()``; every parameter's first dim must be E (that is what
+    :meth:`keep_experts` slices for expert parallelism).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, out_dim: int | None = None):
         super().__init__()
         if num_experts < 1 or dim < 1 or hidden < 1:
-            raise ValueError(f"MLPExperts needs positive sizes, got num_experts={num_experts}, "
+            raise ValueError(f"{type(self).__name__} needs positive sizes, got num_experts={num_experts}, "
                              f"dim={dim}, hidden={hidden}")
-        out_dim = out_dim or dim
-        self.num_experts, self.dim, self.hidden, self.out_dim = num_experts, dim, hidden, out_dim
-        self.activation = activation
-        self.act = get_activation(activation)
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_dim))
-        self.b2 = nn.Parameter(torch.empty(num_experts, out_dim))
-        self.reset_parameters()
+        self.num_experts, self.dim, self.hidden, self.out_dim = num_experts, dim, hidden, out_dim or dim
+        self._layers: list[tuple[str, str, int]] = []
+
+    def _add_layer(self, w: str, b: str, fan_in: int, fan_out: int) -> None:
+        """Batched weight ``w [E, fan_in, fan_out]`` and bias ``b [E, fan_out]``."""
+        setattr(self, w, nn.Parameter(torch.empty(self.num_experts, fan_in, fan_out)))
+        setattr(self, b, nn.Parameter(torch.empty(self.num_experts, fan_out)))
+        self._layers.append((w, b, fan_in))
 
     def reset_parameters(self):
         # Same law as nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per expert.
-        for w, b, fan_in in ((self.w1, self.b1, self.dim), (self.w2, self.b2, self.hidden)):
+        for w, b, fan_in in self._layers:
             bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+            nn.init.uniform_(getattr(self, w), -bound, bound)
+            nn.init.uniform_(getattr(self, b), -bound, bound)
 
     def keep_experts(self, lo: int, hi: int) -> None:
         """Keep only experts ``lo .. hi-1`` (this rank's shard under expert parallelism)."""
@@ -62,6 +65,38 @@ class MLPExperts(nn.Module):
         for name, p in list(self.named_parameters(recurse=False)):
             setattr(self, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad))
         self.num_experts = hi - lo
+
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+        """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
+        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        outs = [self.forward_expert(e, xs) for e, xs in enumerate(torch.split(x_sorted, counts)) if xs.shape[0]]
+        if not outs:
+            return x_sorted.new_zeros(0, self.out_dim)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token: x [N, dim] -> [E, N, out] (mixtures such as PMOE)."""
+        return self.forward_batched(x.unsqueeze(0).expand(self.num_experts, *x.shape))
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
+                f"out_dim={self.out_dim}")
+
+
+class MLPExperts(BatchedExperts):
+    """E independent MLPs ``out = act(x W1_e + b1_e) W2_e + b2_e`` stored as batched weights."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, out_dim: int | None = None,
+                 activation: str = "gelu"):
+        super().__init__(num_experts, dim, hidden, out_dim)
+        self.activation = activation
+        self.act = get_activation(activation)
+        self._add_layer("w1", "b1", dim, hidden)
+        self._add_layer("w2", "b2", hidden, self.out_dim)
+        self.reset_parameters()
 
     def params_per_expert(self) -> int:
         return self.dim * self.hidden + self.hidden + self.hidden * self.out_dim + self.out_dim
@@ -91,26 +126,58 @@ class MLPExperts(nn.Module):
         h = self.act(torch.baddbmm(self.b1[:, None, :], x, self.w1))
         return torch.baddbmm(self.b2[:, None, :], h, self.w2)
 
-    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token: x [N, dim] -> [E, N, out] (mixtures such as PMOE)."""
-        return self.forward_batched(x.unsqueeze(0).expand(self.num_experts, *x.shape))
-
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
-                f"out_dim={self.out_dim}, activation={self.activation}")
+        return super().extra_repr() + f", activation={self.activation}"
+
+
+class SwiGLUExperts(BatchedExperts):
+    """E SwiGLU MLPs ``out = ((x W1_e + b1_e) * silu(x W3_e + b3_e)) W2_e + b2_e`` (Shazeer 2020,
+    the FFN of LLaMA-style and MoDE transformers), batched like :class:`MLPExperts` plus the
+    gate projection ``w3 [E, dim, hidden]``, ``b3 [E, hidden]``."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, out_dim: int | None = None):
+        super().__init__(num_experts, dim, hidden, out_dim)
+        self._add_layer("w1", "b1", dim, hidden)
+        self._add_layer("w3", "b3", dim, hidden)
+        self._add_layer("w2", "b2", hidden, self.out_dim)
+        self.reset_parameters()
+
+    def params_per_expert(self) -> int:
+        return 2 * (self.dim * self.hidden + self.hidden) + self.hidden * self.out_dim + self.out_dim
+
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on tokens x [n, dim] -> [n, out]."""
+        h = torch.addmm(self.b1[e], x, self.w1[e]) * F.silu(torch.addmm(self.b3[e], x, self.w3[e]))
+        return torch.addmm(self.b2[e], h, self.w2[e])
+
+    def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """Buckets x [E, C, dim] -> [E, C, out]."""
+        h = torch.baddbmm(self.b1[:, None], x, self.w1) * F.silu(torch.baddbmm(self.b3[:, None], x, self.w3))
+        return torch.baddbmm(self.b2[:, None], h, self.w2)
+
+
+EXPERTS = {"mlp": MLPExperts, "swiglu": SwiGLUExperts}
 
 
 class DenseFFN(nn.Module):
-    """The dense twin of an MoE layer: one MLP ``dim -> hidden -> out_dim``."""
+    """The dense twin of an MoE layer: one MLP ``dim -> hidden -> out_dim``.
+
+    ``activation="swiglu"`` gives the twin of ``MoE(expert="swiglu")``:
+    ``fc2((fc1 x) * silu(fc3 x))``, with ``2 * (dim * h + h) + h * out + out`` parameters.
+    """
 
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None, activation: str = "gelu"):
         super().__init__()
         out_dim = out_dim or dim
         self.dim, self.hidden, self.out_dim = dim, hidden, out_dim
+        self.swiglu = activation == "swiglu"
         self.fc1 = nn.Linear(dim, hidden)
+        self.fc3 = nn.Linear(dim, hidden) if self.swiglu else None
         self.fc2 = nn.Linear(hidden, out_dim)
-        self.act = get_activation(activation)
+        self.act = F.silu if self.swiglu else get_activation(activation)
 
     def forward(self, x: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
         # `route` is accepted (and ignored) so a dense twin drops in wherever an MoE was.
+        if self.swiglu:
+            return self.fc2(self.fc1(x) * self.act(self.fc3(x)))
         return self.fc2(self.act(self.fc1(x)))

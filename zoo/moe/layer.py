@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .dispatch import dispatch
-from .experts import DenseFFN, MLPExperts
+from .experts import EXPERTS, DenseFFN, MLPExperts, SwiGLUExperts
 from .losses import importance_load_loss, router_z_loss, smooth_load, switch_balance_loss
 from .parallel import expert_parallel_dispatch, world
 from .routers import ROUTERS, build_router
@@ -33,6 +33,7 @@ class MoE(RoutedModule):
         null_experts: AdaMoE null experts: the router may pick "no expert" for a slot, which costs
             no compute, so the number of experts actually run adapts per token.
         out_dim: output width (default ``dim``).
+        expert: "mlp" (``act(x W1) W2``) or "swiglu" (``(x W1) * silu(x W3) W2``).
         noise_std, renormalize, sample_train, num_gates, slots_per_expert: router options.
         balance: "switch" (Fedus 2021), "cv2" (Shazeer 2017 importance + load) or None.
         balance_weight, z_weight: weights of the balance loss and the router z-loss.
@@ -47,9 +48,9 @@ class MoE(RoutedModule):
                  num_gates: int = 1, slots_per_expert: int = 1, expert_parallel: bool = False,
                  ep_group=None, **router_kw):
         super().__init__()
-        if expert != "mlp":
-            raise ValueError(f"MoE expert={expert!r}: only 'mlp' experts live here; "
-                             "conv experts are zoo.moe.conv.MoEConv2d")
+        if expert not in EXPERTS:
+            raise ValueError(f"MoE expert={expert!r}: choose one of {sorted(EXPERTS)} "
+                             "(conv experts are zoo.moe.conv.MoEConv2d)")
         if balance not in BALANCE_LOSSES:
             raise ValueError(f"balance={balance!r}; choose one of {BALANCE_LOSSES}")
         if null_experts and not isinstance(router, nn.Module) and router not in ("topk", "multigate"):
@@ -61,11 +62,11 @@ class MoE(RoutedModule):
         self.capacity_factor = capacity_factor
         self.balance, self.balance_weight, self.z_weight = balance, balance_weight, z_weight
         self.route_dim = route_dim
-        self.experts = MLPExperts(num_experts, dim, hidden, self.out_dim, activation)
+        self.experts = self._make_experts(expert, num_experts, activation)
         # expert parallelism: with W ranks in the process group each keeps E/W of the experts
         # (all ranks build the same full set first, so a seeded init matches a single process)
         self.ep_group, self.ep_rank, self.ep_size, self.expert_parallel = None, 0, 1, False
-        self.shared = MLPExperts(shared_experts, dim, hidden, self.out_dim, activation) if shared_experts else None
+        self.shared = self._make_experts(expert, shared_experts, activation) if shared_experts else None
         if isinstance(router, nn.Module):
             self.router = router
             self.router_name = type(router).__name__
@@ -95,6 +96,11 @@ class MoE(RoutedModule):
             raise ValueError(f"MoE route= of shape {tuple(route.shape)} does not broadcast to the "
                              f"tokens' leading shape {tuple(lead)}") from None
         return route.reshape(-1, route.shape[-1])
+
+    def _make_experts(self, expert: str, count: int, activation: str):
+        if expert == "swiglu":
+            return SwiGLUExperts(count, self.dim, self.hidden, self.out_dim)
+        return MLPExperts(count, self.dim, self.hidden, self.out_dim, activation)
 
     def shardable(self, world_size: int) -> str | None:
         """Why this layer cannot be split over ``world_size`` ranks (None when it can)."""
@@ -252,24 +258,30 @@ class MoE(RoutedModule):
                 f"null_experts={self.null_experts}")
 
 
-def dense_twin_hidden(moe: MoE | RoutedModule | int, dim: int | None = None, out_dim: int | None = None) -> int:
+def dense_twin_hidden(moe: MoE | RoutedModule | int, dim: int | None = None, out_dim: int | None = None,
+                      swiglu: bool | None = None) -> int:
     """Hidden width h whose ``DenseFFN(dim, h, out_dim)`` has the MoE's active parameter count.
 
     ``moe`` is an ``MoE`` (dim/out_dim read from it), any other ``RoutedModule`` or a plain
     active-parameter count (then pass ``dim``, and ``out_dim`` if it differs). Active = all
     parameters minus those a token does not use (router and shared experts count).
-    ``DenseFFN`` has ``h * (dim + out + 1) + out`` parameters.
+    ``DenseFFN`` has ``h * (dim + out + 1) + out`` parameters; with ``swiglu`` (the default for
+    an ``MoE(expert="swiglu")``) it is ``DenseFFN(..., activation="swiglu")`` with
+    ``h * (2 * dim + out + 2) + out``.
     """
     if isinstance(moe, nn.Module):
         active = sum(p.numel() for p in moe.parameters()) - moe.inactive_param_count()
         dim = dim or getattr(moe, "dim", None)
         out_dim = out_dim or getattr(moe, "out_dim", None) or dim
+        if swiglu is None:
+            swiglu = isinstance(getattr(moe, "experts", None), SwiGLUExperts)
     else:
         active = int(moe)
         out_dim = out_dim or dim
     if not dim:
         raise ValueError("dense_twin_hidden needs dim= when given a parameter count or a custom layer")
-    return max(1, round((active - out_dim) / (dim + out_dim + 1)))
+    per_hidden = 2 * dim + out_dim + 2 if swiglu else dim + out_dim + 1
+    return max(1, round((active - out_dim) / per_hidden))
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

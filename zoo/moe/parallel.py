@@ -190,6 +190,40 @@ def _optimizer_slots(optimizer, expert: dict) -> list[tuple[int, nn.Parameter]]:
     return slots
 
 
+def gather_expert_state(model: nn.Module, state: dict) -> list[str]:
+    """Gather (collectively) the sharded expert entries of a state dict keyed like ``model``'s
+    own (e.g. an EMA copy of the weights a task keeps in its checkpoint). In place."""
+    keys = []
+    for key, m, p in _expert_params(model).values():
+        t = state.get(key)
+        if torch.is_tensor(t) and t.shape == p.shape:
+            state[key] = _gather_rows(t, m.ep_group)
+            keys.append(key)
+    return keys
+
+
+def _cut(t, m, p):
+    """This rank's rows of a full expert tensor ``t`` (anything else comes back unchanged)."""
+    full = (m.num_experts, *p.shape[1:])
+    if not torch.is_tensor(t) or tuple(t.shape) != full or full == tuple(p.shape):
+        return t
+    lo = m.ep_rank * p.shape[0]
+    return t[lo:lo + p.shape[0]].clone()
+
+
+def slice_expert_state(model: nn.Module, state: dict) -> list[str]:
+    """Cut the full expert entries of a state dict keyed like ``model``'s down to this rank's
+    shard (the reverse of :func:`gather_expert_state`). In place."""
+    keys = []
+    for key, m, p in _expert_params(model).values():
+        t = state.get(key)
+        new = _cut(t, m, p)
+        if new is not t:
+            state[key] = new
+            keys.append(key)
+    return keys
+
+
 def gather_expert_checkpoint(module: nn.Module, checkpoint: dict, optimizers=()) -> list[str]:
     """Replace this rank's expert shards in a Lightning ``checkpoint`` by the full expert set.
 
@@ -207,12 +241,7 @@ def gather_expert_checkpoint(module: nn.Module, checkpoint: dict, optimizers=())
     expert = _expert_params(module)
     if not expert:
         return []
-    state = checkpoint.get("state_dict", {})
-    keys = []
-    for key, m, p in expert.values():
-        if key in state:
-            state[key] = _gather_rows(p, m.ep_group)
-            keys.append(key)
+    keys = gather_expert_state(module, checkpoint.get("state_dict", {}))
     for opt_state, opt in zip(checkpoint.get("optimizer_states", []), optimizers):
         for idx, p in _optimizer_slots(opt, expert):
             per_param = opt_state["state"].get(idx)
@@ -236,25 +265,27 @@ def slice_expert_checkpoint(module: nn.Module, checkpoint: dict) -> list[str]:
     if not expert:
         return []
 
-    def cut(t, m, p):
-        full = (m.num_experts, *p.shape[1:])
-        if not torch.is_tensor(t) or tuple(t.shape) != full or full == tuple(p.shape):
-            return t
-        lo = m.ep_rank * p.shape[0]
-        return t[lo:lo + p.shape[0]].clone()
-
-    state = checkpoint.get("state_dict", {})
-    keys = []
-    for key, (m, p) in expert.items():
-        if key in state:
-            new = cut(state[key], m, p)
-            if new is not state[key]:
-                state[key] = new
-                keys.append(key)
+    keys = slice_expert_state(module, checkpoint.get("state_dict", {}))
     slots = checkpoint.get("zoo_expert_slots") or []
     for opt_state, slot_keys in zip(checkpoint.get("optimizer_states", []), slots):
         for idx, key in slot_keys.items():
             per_param = opt_state.get("state", {}).get(idx)
             if per_param is not None and key in expert:
-                opt_state["state"][idx] = {k: cut(v, *expert[key]) for k, v in per_param.items()}
+                opt_state["state"][idx] = {k: _cut(v, *expert[key]) for k, v in per_param.items()}
     return keys
+
+
+def gather_experts(moe: nn.Module) -> nn.Module:
+    """A detached copy of ``moe.experts`` holding all E experts (collective under expert
+    parallelism: every rank must call it, e.g. to fuse chosen experts for inference caching)."""
+    import copy
+
+    experts = moe.experts
+    if not getattr(moe, "expert_parallel", False):
+        return experts
+    full = copy.deepcopy(experts)
+    with torch.no_grad():
+        for name, p in experts.named_parameters(recurse=False):
+            setattr(full, name, nn.Parameter(_gather_rows(p, moe.ep_group), requires_grad=False))
+    full.num_experts = moe.num_experts
+    return full

@@ -118,10 +118,17 @@ class ZooCLI(LightningCLI):
             self.model.on_data(self.datamodule)
         self.model.expert_parallel = bool(self.config.get("expert_parallel", False))
         monitor = getattr(self.model, "monitor", None)
-        callbacks = list(callbacks) + [ModelCheckpoint(
-            dirpath=self.run_dir / "checkpoints", filename="best", monitor=monitor,
-            mode=getattr(self.model, "monitor_mode", "min"), save_last=True, save_top_k=1 if monitor else 0,
-            enable_version_counter=False)]
+        ckpt_dir = self.run_dir / "checkpoints"
+        # two callbacks: with a monitor, save_last only rewrites last.ckpt when a new best is
+        # saved, so a run whose metric fell in its last epoch would resume from the best epoch
+        callbacks = list(callbacks) + [
+            ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                            enable_version_counter=False),
+        ]
+        if monitor:
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor,
+                                             mode=getattr(self.model, "monitor_mode", "min"), save_top_k=1,
+                                             enable_version_counter=False))
         config.setdefault("default_root_dir", str(self.run_dir))
         if config.get("logger") in (None, True):
             # fit logs at the run folder's top; validate/test/predict in a subfolder of their own

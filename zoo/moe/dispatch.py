@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from .experts import MLPExperts
+from .experts import BatchedExperts
 
 
 def dispatch(x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
-             weights: torch.Tensor, experts: MLPExperts, capacity: int | None = None,
+             weights: torch.Tensor, experts: BatchedExperts, capacity: int | None = None,
              priority: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``experts`` on the assigned tokens and combine.
 
@@ -37,7 +37,8 @@ def dispatch(x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Ten
         ti, w = ti[kept_sorted], w[kept_sorted]
         counts = counts.clamp(max=capacity)
     # index_select's backward is an index_add (fast); x[ti] would backprop through index_put
-    out = experts.forward_sorted(x.index_select(0, ti), counts)  # [A_kept, out]
+    ei_kept = ei if capacity is None else ei[kept_sorted]
+    out = experts.forward_grouped(x, ti, ei_kept, counts)  # [A_kept, out]
     y = x.new_zeros(x.shape[0], experts.out_dim)
     y = y.index_add(0, ti, out * w.unsqueeze(-1).to(out.dtype))
     if capacity is None:

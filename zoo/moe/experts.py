@@ -66,8 +66,35 @@ class BatchedExperts(nn.Module):
             setattr(self, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad))
         self.num_experts = hi - lo
 
+    #: run the experts as one padded ``bmm`` when the busiest expert's rows times E are at most
+    #: this multiple of the assignments (balanced routing), else one GEMM per expert slice
+    pad_limit: float = 1.25
+
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_grouped(self, x: torch.Tensor, rows: torch.Tensor, expert_index: torch.Tensor,
+                        counts: torch.Tensor) -> torch.Tensor:
+        """Experts on ``x[rows]``, assignments already sorted by expert -> [A, out] in that order.
+
+        rows, expert_index: [A] (expert_index non-decreasing); counts: [E] rows per expert.
+        Balanced routing runs one ``forward_batched`` on a zero-padded ``[E, max count, dim]``
+        buffer: a single batched GEMM per layer whose weight gradients come out already stacked,
+        instead of E small GEMMs, a concatenation of their outputs and a stack of E gradients
+        (the padded rows are never read back, so they add nothing to any gradient). Skewed
+        routing, where padding would waste more than ``pad_limit``, uses the per-expert slices.
+        """
+        counts_l = counts.tolist()
+        a, c = rows.numel(), max(counts_l, default=0)
+        if a == 0:
+            return x.new_zeros(0, self.out_dim)
+        if c * self.num_experts > self.pad_limit * a:
+            return self.forward_sorted(x.index_select(0, rows), counts_l)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = expert_index * c + (torch.arange(a, device=x.device) - starts[expert_index])  # [A]
+        buf = x.new_zeros(self.num_experts * c, x.shape[-1]).index_copy(0, slot, x.index_select(0, rows))
+        out = self.forward_batched(buf.view(self.num_experts, c, -1))  # [E, c, out]
+        return out.reshape(self.num_experts * c, -1).index_select(0, slot)
 
     def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
         """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""

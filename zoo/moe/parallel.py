@@ -89,7 +89,7 @@ def expert_parallel_dispatch(x: torch.Tensor, token_index: torch.Tensor, expert_
     dist.all_to_all_single(recv_e, (ei % e_local).contiguous(), recv, send, group=group)
     by_expert = torch.argsort(recv_e, stable=True)
     counts = torch.bincount(recv_e, minlength=e_local)
-    out_sorted = local_experts.forward_sorted(recv_x.index_select(0, by_expert), counts)
+    out_sorted = local_experts.forward_grouped(recv_x, by_expert, recv_e.index_select(0, by_expert), counts)
     out = torch.empty_like(out_sorted).index_copy(0, by_expert, out_sorted)  # received order
     back = _exchange(out, send, recv, group)  # [A, out] aligned with ti
     y = x.new_zeros(x.shape[0], local_experts.out_dim)

@@ -201,7 +201,7 @@ def check_checkpoint(ckpt: str, model, config: Path):
         raise ZooError(f"cannot read checkpoint {ckpt} with weights_only=True: {err}") from err
     if "state_dict" not in state:
         raise ZooError(f"{ckpt} is not a Lightning checkpoint (no 'state_dict')")
-    saved_cls = (state.get("hyper_parameters") or {}).get("_class_path")
+    saved_cls = state.get("zoo_model_class") or (state.get("hyper_parameters") or {}).get("_class_path")
     cls = f"{type(model).__module__}.{type(model).__qualname__}"
     if saved_cls and saved_cls != cls:
         raise ZooError(f"checkpoint {ckpt} holds a {saved_cls}, but {config} builds a {cls}")

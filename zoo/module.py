@@ -292,6 +292,7 @@ class ZooModule(L.LightningModule):
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint):
         checkpoint["zoo_rng"] = _get_rng_state()
+        checkpoint["zoo_model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         # sharded experts are gathered (collectively) so the file holds the whole model
         optimizers = self.trainer.optimizers if self._trainer is not None else []
         parallel.gather_expert_checkpoint(self, checkpoint, optimizers)

@@ -19,9 +19,7 @@ The straight runs and the first parts run in this process through ``zoo.cli.main
 Lightning import); the resumes run as ``python -m zoo.cli`` subprocesses, in parallel. Every run
 uses one intra-op thread so the in-process and subprocess runs sum in the same order.
 
-vad is not covered: its resume is not exact (see the issue 11 report: ``BalancedBatchSampler``
-in tasks/vad/data.py counts epochs itself and restarts at 0 in a resumed run). rl tests its
-own resume (replay buffer and environment state).
+rl tests its own resume (replay buffer and environment state) in tests/tasks/test_rl.py.
 """
 from __future__ import annotations
 
@@ -63,6 +61,13 @@ TASKS = {
         "--data.init_args.episodes_per_task=4", "--data.init_args.eval_episodes=0", "--data.init_args.batch_size=32",
         "--trainer.limit_train_batches=3", "--model.init_args.dim=16", "--model.init_args.expert_hidden=32",
         "--model.init_args.depth=1", "--model.init_args.num_sampling_steps=2"]),
+    # staged GS-MoE (encoder, then class experts), balanced normal/anomalous batches
+    "vad": (CONFIGS / "vad/moe.yaml", [
+        "--model.init_args.stages={encoder: 1, experts: 1}", "--data.init_args.num_train_normal=8",
+        "--data.init_args.num_train_anomalous=8", "--data.init_args.num_test_normal=4",
+        "--data.init_args.num_test_anomalous=4", "--data.init_args.batch_size=4", "--data.init_args.min_len=16",
+        "--data.init_args.max_len=16", "--data.init_args.num_segments=16", "--data.init_args.feature_dim=16",
+        "--model.init_args.dim=16", "--model.init_args.expert_hidden=16"]),
 }
 STOP_AFTER_FIRST_EPOCH = [
     "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.monitor=train/aux_loss",

@@ -37,7 +37,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+
+from zoo.data import CheckpointedShuffle
 
 FRAMES_PER_SNIPPET = 16
 NORMAL = "Normal"
@@ -457,38 +459,63 @@ class TestVideos(Dataset):
                 "index": torch.tensor(i)}
 
 
-class BalancedBatchSampler(Sampler):
+class BalancedBatchSampler(BatchSampler):
     """Batches of ``batch_size // 2`` normal and ``batch_size // 2`` anomalous videos
-    (UR-DMU/RTFM draw one normal and one abnormal loader per step); an epoch covers the larger
-    group once, the smaller one is drawn again as needed."""
+    (UR-DMU/RTFM draw one normal and one abnormal loader per step).
 
-    def __init__(self, labels: list[int], batch_size: int, seed: int = 0):
+    The order comes from ``sampler`` (a shuffling sampler over the training set): its indices
+    are split by label and paired; an epoch covers the larger group once and draws the smaller
+    one again as needed. It follows PyTorch's ``BatchSampler`` API, so under a distributed
+    strategy Lightning re-creates it around a ``DistributedSampler`` and every rank balances
+    its own shard of the videos.
+    """
+
+    def __init__(self, sampler, batch_size: int, labels: list[int], drop_last: bool = False):
         if batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 to pair normal and anomalous videos, got {batch_size}")
-        self.normal = [i for i, y in enumerate(labels) if y == 0]
-        self.anomalous = [i for i, y in enumerate(labels) if y == 1]
+            raise ValueError(f"batch_size must be >= 2 to pair normal and anomalous videos, "
+                             f"got {batch_size}")
+        super().__init__(sampler, batch_size, drop_last)
+        self.labels = [int(y) for y in labels]
+        if set(self.labels) != {0, 1}:
+            raise ValueError("the training videos must include both normal and anomalous videos")
         self.half = batch_size // 2
-        self.seed, self.epoch = seed, 0
+
+    def _groups(self) -> tuple[list[int], list[int]]:
+        """The sampler's indices split into (normal, anomalous), in the sampler's order. A shard
+        with no video of one label (tiny data over many ranks) borrows that label's videos from
+        the whole set, so every batch stays paired."""
+        order = [int(i) for i in self.sampler]
+        groups = []
+        for label in (0, 1):
+            group = [i for i in order if self.labels[i] == label]
+            groups.append(group or [i for i, y in enumerate(self.labels) if y == label])
+        return groups[0], groups[1]
 
     def __len__(self):
-        return math.ceil(max(len(self.normal), len(self.anomalous)) / self.half)
+        # counted without iterating a shuffling sampler: every draw from its generator here would
+        # shift the epoch orders (Lightning asks for the length several times per epoch)
+        if isinstance(self.sampler, RandomSampler) and not self.sampler.replacement:
+            anom = sum(self.labels[i] for i in range(len(self.sampler.data_source)))
+            counts = (len(self.sampler.data_source) - anom, anom)
+        else:
+            counts = tuple(len(g) for g in self._groups())
+        return math.ceil(max(counts) / self.half)
 
     def __iter__(self):
-        g = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
-        n = len(self) * self.half
+        norm, anom = self._groups()
+        n_batches = math.ceil(max(len(norm), len(anom)) / self.half)
+        n = n_batches * self.half
 
-        def draw(group):
-            reps = math.ceil(n / len(group))
-            return np.concatenate([g.permutation(group) for _ in range(reps)])[:n]
+        def cycle(group):  # repeat the (already shuffled) group until it has n entries
+            return (group * math.ceil(n / len(group)))[:n]
 
-        norm, anom = draw(self.normal), draw(self.anomalous)
-        for b in range(len(self)):
+        norm, anom = cycle(norm), cycle(anom)
+        for b in range(n_batches):
             sl = slice(b * self.half, (b + 1) * self.half)
-            yield [int(i) for i in np.concatenate([norm[sl], anom[sl]])]
+            yield norm[sl] + anom[sl]
 
 
-class VADDataModule(L.LightningDataModule):
+class VADDataModule(CheckpointedShuffle, L.LightningDataModule):
     """Weakly supervised VAD data: built-in generator, a feature folder, or aeon's KDD series.
 
     Args:
@@ -508,11 +535,12 @@ class VADDataModule(L.LightningDataModule):
                  classes: list[str] | None = None, num_segments: int = 64, batch_size: int = 16,
                  num_workers: int = 0, num_classes: int = 4, feature_dim: int = 32,
                  min_len: int = 64, max_len: int = 64, difficulty: float = 1.0,
-                 shared_fraction: float = 0.0, num_train_normal: int = 120,
+                 shared_fraction: float = 0.5, num_train_normal: int = 120,
                  num_train_anomalous: int = 120, num_test_normal: int = 40,
                  num_test_anomalous: int = 60, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        self.init_shuffle(seed)
         self.train_videos = self.val_videos = self.test_videos = None
         self.classes: list[str] = []
         self.world: SyntheticWorld | None = None
@@ -565,8 +593,9 @@ class VADDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         ds = TrainVideos(self.train_videos, self.classes, self.hparams.num_segments)
-        sampler = BalancedBatchSampler([v.label for v in self.train_videos],
-                                       self.hparams.batch_size, seed=self.hparams.seed)
+        order = self.shuffle_sampler(ds)  # its generator is saved in checkpoints: exact resume
+        sampler = BalancedBatchSampler(order, self.hparams.batch_size,
+                                       labels=[v.label for v in self.train_videos])
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self):

@@ -80,20 +80,20 @@ class TGSConfig:
 
 def find_peaks(curve: torch.Tensor, cfg: TGSConfig) -> list[tuple[int, int, int, float]]:
     """Peaks of one score curve [T] as (peak index, left, right, height), rules 1-3 above."""
-    s = curve.detach().float().cpu()
-    T = s.shape[0]
-    lower = torch.full((1,), -float("inf"))
-    left = torch.cat([lower, s[:-1]])
-    right = torch.cat([s[1:], lower])
-    is_max = (s >= left) & (s >= right) & (s >= cfg.peak_threshold)
-    is_max[int(s.argmax())] = True
-    cands = torch.nonzero(is_max).flatten().tolist()
-    cands.sort(key=lambda t: (-float(s[t]), t))
+    s = curve.detach().float().cpu().tolist()  # plain floats: this loop runs per video per step
+    T = len(s)
+    cands = [t for t in range(T)
+             if (t == 0 or s[t] >= s[t - 1]) and (t == T - 1 or s[t] >= s[t + 1])
+             and s[t] >= cfg.peak_threshold]
+    top = max(range(T), key=lambda t: (s[t], -t))  # the global maximum (first if tied)
+    if top not in cands:
+        cands.append(top)
+    cands.sort(key=lambda t: (-s[t], t))
     peaks = []
     for p in cands:
         if any(l <= p <= r or abs(p - c) < cfg.min_distance for c, l, r, _ in peaks):
             continue
-        h = float(s[p])
+        h = s[p]
         floor = cfg.width_ratio * h
         l = p
         while l > 0 and s[l - 1] >= floor:

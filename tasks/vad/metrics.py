@@ -41,7 +41,13 @@ def _ap(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class FrameVADMetrics(Metric):
     """Accumulates per-video snippet scores and frame labels; ``compute`` returns a dict of
-    ``auc``, ``ap``, ``auc_a``, ``ap_a`` and ``auc/<class>`` for every class seen."""
+    ``auc``, ``ap``, ``auc_a``, ``ap_a`` and ``auc/<class>`` for every class seen.
+
+    Under a distributed strategy every state is gathered from all ranks before computing, so
+    the numbers cover every rank's videos. A ``DistributedSampler`` pads the test set by
+    repeating videos so the ranks get equal shares; given each video's dataset index
+    (``video``), a video scored on two ranks is counted once.
+    """
 
     full_state_update = False
 
@@ -52,18 +58,35 @@ class FrameVADMetrics(Metric):
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
         self.add_state("video_cls", default=[], dist_reduce_fx="cat")
+        self.add_state("frame_key", default=[], dist_reduce_fx="cat")
 
-    def update(self, snippet_scores: torch.Tensor, frame_gt: torch.Tensor, cls: int) -> None:
-        """One video: snippet_scores [T], frame_gt [T * fps] in {0,1}, cls (-1 = normal)."""
+    def update(self, snippet_scores: torch.Tensor, frame_gt: torch.Tensor, cls: int,
+               video: int | None = None) -> None:
+        """One video: snippet_scores [T], frame_gt [T * fps] in {0,1}, cls (-1 = normal),
+        video = its index in the test set (optional; duplicates are then counted once)."""
         s = frame_scores(snippet_scores.detach().float().flatten(), frame_gt.numel(),
                          self.frames_per_snippet)
+        y = frame_gt.flatten().long()
         self.scores.append(s)
-        self.targets.append(frame_gt.flatten().long())
-        self.video_cls.append(torch.full_like(frame_gt.flatten().long(), int(cls)))
+        self.targets.append(y)
+        self.video_cls.append(torch.full_like(y, int(cls)))
+        # (video, frame) identity: video * 2^32 + frame; -1 = anonymous, never deduplicated
+        key = torch.arange(y.numel(), device=y.device) + (int(video) << 32) if video is not None \
+            else torch.full_like(y, -1)
+        self.frame_key.append(key)
 
     def compute(self) -> dict[str, torch.Tensor]:
         cat = (lambda x: torch.cat(x) if isinstance(x, list) else x)
-        s, y, c = cat(self.scores), cat(self.targets), cat(self.video_cls)
+        s, y, c, key = cat(self.scores), cat(self.targets), cat(self.video_cls), cat(self.frame_key)
+        named = key >= 0
+        if named.any():  # keep the first copy of every (video, frame) scored more than once
+            uniq, inverse = torch.unique(key[named], return_inverse=True)
+            pos = torch.arange(inverse.numel(), device=key.device)
+            first = torch.full((uniq.numel(),), inverse.numel(), device=key.device, dtype=pos.dtype)
+            first = first.scatter_reduce(0, inverse, pos, reduce="amin")
+            keep = ~named
+            keep[torch.nonzero(named).flatten()[first]] = True
+            s, y, c = s[keep], y[keep], c[keep]
         anom = c >= 0
         out = {"auc": _auc(s, y), "ap": _ap(s, y), "auc_a": _auc(s[anom], y[anom]),
                "ap_a": _ap(s[anom], y[anom])}

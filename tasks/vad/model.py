@@ -11,8 +11,9 @@ Approach to Weakly-Supervised Video Anomaly Detection", ICCV 2025 (arXiv 2508.06
   MLP to one snippet logit. The E blocks are kept as batched weights ``[E, ...]`` and the MLPs
   are a :class:`zoo.moe.MLPExperts`, so all experts run as a few batched matmuls.
 - :class:`CrossAttentionGate` (sec. 3.4): projects each expert's logit to a token, adds an
-  expert embedding, lets the task-aware feature of each snippet cross-attend over the E expert
-  tokens, and maps [f_t, context_t] through an MLP; the final logit is the attention-weighted
+  expert embedding, lets each snippet's head input h_t (:class:`HeadInput`: projected input
+  snippets + scaled task-aware features) cross-attend over the E expert tokens, and maps
+  [h_t, context_t] through an MLP; the final logit is the attention-weighted
   mixture of expert logits plus that MLP's correction. It is a :class:`zoo.moe.RoutedModule`:
   its attention weights are the routing (``probs`` [N, E], top-1 assignment per snippet), so
   routing statistics and per-class usage plots come from the zoo.
@@ -34,6 +35,7 @@ from torch import nn
 from zoo.moe import DenseFFN, MLPExperts, RoutedModule, RoutingInfo
 
 VARIANTS = ("moe", "mean", "dense", "encoder")
+EXPERT_INPUTS = ("task", "both", "input")
 
 
 def band_mask(T: int, window: int | None, device=None) -> torch.Tensor | None:
@@ -147,26 +149,31 @@ class ClassExperts(nn.Module):
 class CrossAttentionGate(RoutedModule):
     """GS-MoE gate: snippet features cross-attend over projected expert logits (sec. 3.4).
 
-    The task encoder's own logit l_{t,0} joins the E expert logits as one more token, so the
-    gate can fall back on the task-aware score where no expert is confident:
-
-    token_{t,e} = W_p l_{t,e} + emb_e,  e = 0 (task), 1..E      # logit -> token [D]
-    c_t, a_t = MHA(query = f_t, keys/values = token_{t,0..E})    # a_t [E+1] attention weights
+    token_{t,e} = W_p l_{t,e} + emb_e,  e = 1..E                 # expert logit -> token [D]
+    c_t, a_t = MHA(query = f_t, keys/values = token_{t,1..E})    # a_t [E] attention weights
     logit_t = sum_e a_{t,e} l_{t,e} + MLP([f_t, c_t])            # MLP's last layer starts at 0
+
+    The query projection and the MLP's last layer start at zero, so the gate starts as the plain
+    average of the experts' logits (uniform attention) and learns where to look from there. With
+    ``task_token=True`` the task encoder's own logit l_{t,0} joins as one more token (e = 0), so
+    the gate can fall back on the task-aware score where no expert is confident.
 
     Every expert is evaluated for every snippet (the paper's dense mixture). The routing record
     holds the attention on the E experts (renormalised) as ``probs`` and each snippet's
     most-attended expert as its assignment; ``extra["task_share"]`` is the mean weight left on
-    the task token.
+    the task token (0 without one).
     """
 
-    def __init__(self, num_experts: int, dim: int, heads: int = 4):
+    def __init__(self, num_experts: int, dim: int, heads: int = 4, task_token: bool = False):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.task_token = num_experts, task_token
         self.proj = nn.Linear(1, dim)
-        self.expert_emb = nn.Parameter(torch.randn(num_experts + 1, dim) * 0.02)
+        self.expert_emb = nn.Parameter(torch.randn(num_experts + int(task_token), dim) * 0.02)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        # start as the plain average of the experts: query projection 0 -> uniform attention,
+        # correction MLP 0 -> no correction; both learn from there
+        nn.init.zeros_(self.attn.in_proj_weight[:dim])
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
@@ -175,14 +182,17 @@ class CrossAttentionGate(RoutedModule):
         """f [B, T, D], expert_logits [B, T, E], task_logits [B, T] -> final logits [B, T]."""
         B, T, D = f.shape
         E = self.num_experts
-        logits = torch.cat([task_logits.unsqueeze(-1), expert_logits], -1).reshape(B * T, E + 1)
+        logits = expert_logits
+        if self.task_token:
+            logits = torch.cat([task_logits.unsqueeze(-1), expert_logits], -1)
+        logits = logits.reshape(B * T, -1)                                   # [N, E(+1)]
         q = f.reshape(B * T, 1, D)                                           # [N, 1, D]
-        tokens = self.proj(logits.unsqueeze(-1)) + self.expert_emb           # [N, E+1, D]
-        ctx, attn = self.attn(q, tokens, tokens, need_weights=True)          # [N,1,D], [N,1,E+1]
-        a = attn.squeeze(1)                                                  # [N, E+1]
+        tokens = self.proj(logits.unsqueeze(-1)) + self.expert_emb           # [N, E(+1), D]
+        ctx, attn = self.attn(q, tokens, tokens, need_weights=True)  # [N, 1, D], [N, 1, E(+1)]
+        a = attn.squeeze(1)                                                  # [N, E(+1)]
         mix = (a * logits).sum(-1)                                           # [N]
         out = mix + self.mlp(torch.cat([q.squeeze(1), ctx.squeeze(1)], -1)).squeeze(-1)
-        a_exp = a[:, 1:].detach()
+        a_exp = a[:, int(self.task_token):].detach()
         a_exp = a_exp / a_exp.sum(-1, keepdim=True).clamp_min(1e-12)         # [N, E]
         top_w, top_e = a_exp.max(-1)
         n = B * T
@@ -191,7 +201,7 @@ class CrossAttentionGate(RoutedModule):
             token_index=torch.arange(n, device=f.device), expert_index=top_e, weights=top_w,
             kept=torch.ones(n, dtype=torch.bool, device=f.device), num_experts=E, num_tokens=n,
             token_shape=(B, T), probs=a_exp, logits=None,
-            extra={"task_share": float(a[:, 0].detach().mean())})
+            extra={"task_share": float(a[:, 0].detach().mean()) if self.task_token else 0.0})
         return out.view(B, T)
 
 
@@ -211,16 +221,38 @@ class DenseHead(nn.Module):
         return task_logits + self.ffn(self.block(f)[0]).squeeze(-1)  # [B, T]
 
 
+class HeadInput(nn.Module):
+    """What experts, gate and the dense head read, besides the task-aware features f.
+
+    ``input``: h = LN(W x), a projection of the input snippets; ``both``: h = LN(W x) + alpha f
+    with a learnt scalar alpha starting at 0, so the heads start from the input snippets and
+    take in the task-aware features as far as that helps. (``task``, the paper's wiring, is
+    h = f and needs no module.)
+    """
+
+    def __init__(self, in_dim: int, dim: int, mode: str = "both"):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.task_scale = nn.Parameter(torch.zeros(())) if mode == "both" else None
+
+    def forward(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C], f [B, T, D] -> [B, T, D]."""
+        h = self.norm(self.proj(x))
+        return h if self.task_scale is None else h + self.task_scale * f
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def dense_head_hidden(num_experts: int, dim: int, expert_hidden: int, heads: int = 4) -> int:
+def dense_head_hidden(num_experts: int, dim: int, expert_hidden: int, heads: int = 4,
+                      task_token: bool = False) -> int:
     """Hidden width h whose :class:`DenseHead` has the parameters of experts + gate.
 
     DenseHead(h) = block(1 expert) + (dim + 1) h + h + 1 parameters, solved for h."""
     target = count_params(ClassExperts(num_experts, dim, expert_hidden, heads)) + \
-        count_params(CrossAttentionGate(num_experts, dim, heads))
+        count_params(CrossAttentionGate(num_experts, dim, heads, task_token))
     block = ExpertBlocks(1, dim, heads).params_per_expert()
     return max(1, round((target - block - 1) / (dim + 2)))
 
@@ -236,25 +268,25 @@ class GSMoE(nn.Module):
 
     def __init__(self, in_dim: int, num_experts: int = 4, dim: int = 64, expert_hidden: int = 64,
                  attn_layers: int = 1, heads: int = 4, dropout: float = 0.1,
-                 attn_window: int | None = 4, variant: str = "moe", expert_input: str = "both"):
+                 attn_window: int | None = 4, variant: str = "moe", expert_input: str = "both",
+                 gate_task_token: bool = False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if expert_input not in ("task", "both"):
-            raise ValueError(f"expert_input must be 'task' or 'both', got {expert_input!r}")
+        if expert_input not in EXPERT_INPUTS:
+            raise ValueError(f"expert_input must be one of {EXPERT_INPUTS}, got {expert_input!r}")
         self.variant, self.in_dim, self.num_experts = variant, in_dim, num_experts
-        # "both": heads read task-aware features plus a projection of the input snippets
-        self.input_proj = nn.Linear(in_dim, dim) if expert_input == "both" and variant in (
-            "moe", "mean", "dense") else None
+        self.input_proj = HeadInput(in_dim, dim, expert_input) if expert_input != "task" and \
+            variant in ("moe", "mean", "dense") else None
         self.encoder = TaskEncoder(in_dim, dim, attn_layers, heads, dropout, attn_window=attn_window)
         self.experts = self.gate = self.dense = None
         if variant in ("moe", "mean"):
             self.experts = ClassExperts(num_experts, dim, expert_hidden, heads, attn_window)
         if variant == "moe":
-            self.gate = CrossAttentionGate(num_experts, dim, heads)
+            self.gate = CrossAttentionGate(num_experts, dim, heads, gate_task_token)
         if variant == "dense":
-            self.dense = DenseHead(dim, dense_head_hidden(num_experts, dim, expert_hidden, heads),
-                                   heads, attn_window)
+            hidden = dense_head_hidden(num_experts, dim, expert_hidden, heads, gate_task_token)
+            self.dense = DenseHead(dim, hidden, heads, attn_window)
 
     def head_params(self) -> int:
         """Parameters beyond the task encoder (experts + gate, or the dense head)."""
@@ -280,8 +312,8 @@ class GSMoE(nn.Module):
 
         f, enc = self.encoder(x)
         out = {"encoder": crop_mean(enc)}
-        if self.input_proj is not None:
-            f = f + self.input_proj(x)  # [B*crops, T, D]
+        if self.input_proj is not None:  # the heads' input [B*crops, T, D]
+            f = self.input_proj(x, f)
         if self.experts is not None:
             exp_logits = self.experts(f)                 # [B*crops, T, E]
             out["experts"] = crop_mean(exp_logits)

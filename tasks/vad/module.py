@@ -62,8 +62,10 @@ class VADModule(ZooModule):
         peak_threshold, width_ratio, min_distance, sigma_min, amplitude: TGS rules (losses.py).
         in_dim, class_names, class_to_expert, snippets: set from the data by ``on_data``
             (feature width, anomaly classes, class -> expert map, snippets per FLOPs sample).
-        expert_input: ``both`` = heads read task features + projected input; ``task`` = task
-            features only (the paper's wiring).
+        expert_input: what experts, gate and dense head read: ``task`` = the task-aware
+            features f (the paper's wiring); ``input`` = LN(W x), a projection of the input
+            snippets; ``both`` = LN(W x) + alpha f, alpha learnt from 0 (``model.HeadInput``).
+        gate_task_token: the gate also attends to the task encoder's logit as one more token.
     """
 
     # best-checkpointing watches the validation AUC of the final stage only: an earlier stage's
@@ -75,7 +77,8 @@ class VADModule(ZooModule):
     def __init__(self, variant: str = "moe", stages: dict | None = None, joint: bool = False,
                  dim: int = 32, expert_hidden: int = 32, attn_layers: int = 0,
                  attn_window: int | None = 2, heads: int = 4, dropout: float = 0.1,
-                 expert_input: str = "both", expert_groups: str | int = "class",
+                 expert_input: str = "both", gate_task_token: bool = False,
+                 expert_groups: str | int = "class",
                  tgs_weight: float = 1.0, heads_tgs: bool = True, tgs_source: str = "self",
                  peak_threshold: float = 0.5,
                  width_ratio: float = 0.5, min_distance: int = 2, sigma_min: float = 0.5,
@@ -86,7 +89,7 @@ class VADModule(ZooModule):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        stages = dict(stages or {"encoder": 6, "tgs": 3, "experts": 4, "gate": 3})
+        stages = dict(stages or {"encoder": 6, "tgs": 10, "experts": 8, "gate": 4})
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
@@ -106,11 +109,12 @@ class VADModule(ZooModule):
         h = self.hparams
         if h.in_dim is None:  # built for real once the data is known (on_data)
             self.model = GSMoE(8, 1, h.dim, h.expert_hidden, h.attn_layers, h.heads, h.dropout,
-                               h.attn_window, h.variant, h.expert_input)
+                               h.attn_window, h.variant, h.expert_input, h.gate_task_token)
             return
         num_experts = max(self.class_to_expert) + 1
         self.model = GSMoE(h.in_dim, num_experts, h.dim, h.expert_hidden, h.attn_layers,
-                           h.heads, h.dropout, h.attn_window, h.variant, h.expert_input)
+                           h.heads, h.dropout, h.attn_window, h.variant, h.expert_input,
+                           h.gate_task_token)
         self._metrics = {}  # metric states hold the class names of the data
 
     @property
@@ -166,7 +170,12 @@ class VADModule(ZooModule):
         return last
 
     def _set_trainable(self, stage: str) -> None:
-        """Freeze what the stage does not train (requires_grad; AdamW skips grad-less params)."""
+        """Freeze what the stage does not train.
+
+        Frozen parameters keep ``requires_grad`` (so under DDP every parameter takes part in
+        every step and plain ``ddp`` needs no ``find_unused_parameters``); their gradients are
+        dropped in :meth:`on_before_optimizer_step`, and AdamW skips gradient-less parameters,
+        so they neither move nor decay."""
         m = self.model
         train_experts = stage in ("experts", "joint") or (stage == "gate" and m.gate is None)
         train_dense = stage in ("experts", "gate", "joint")
@@ -177,11 +186,13 @@ class VADModule(ZooModule):
             "gate": stage in ("gate", "joint"),
             "dense": train_dense,
         }
-        for name, flag in trainable.items():
-            part = getattr(m, name)
-            if part is not None:
-                for p in part.parameters():
-                    p.requires_grad_(flag)
+        self._frozen = [p for name, flag in trainable.items() if not flag
+                        and getattr(m, name) is not None for p in getattr(m, name).parameters()]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Drop the gradients of the parts the current stage freezes (after DDP's all-reduce)."""
+        for p in getattr(self, "_frozen", []):
+            p.grad = None
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -228,6 +239,9 @@ class VADModule(ZooModule):
     def training_step(self, batch, batch_idx):
         stage = getattr(self, "_stage", None) or self.stage_at(self.current_epoch)
         loss, terms = self.stage_loss(batch, stage)
+        # every parameter joins the graph (zero gradient where the stage does not use it), so
+        # DDP's reducer gets a gradient for each one in every stage
+        loss = loss + 0.0 * sum(p.sum() for p in self.model.parameters())
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()},
                       batch_size=batch["label"].shape[0])
         return self.with_aux(loss)
@@ -246,7 +260,8 @@ class VADModule(ZooModule):
         parts = self.model.forward_parts(batch["features"])
         met = self._metric(split)
         for i in range(batch["label"].shape[0]):
-            met.update(parts["final"][i], batch["frame_gt"][i], int(batch["cls"][i]))
+            met.update(parts["final"][i], batch["frame_gt"][i], int(batch["cls"][i]),
+                       int(batch["index"][i]))
         return parts
 
     def _log_metrics(self, split: str) -> dict:
@@ -254,7 +269,8 @@ class VADModule(ZooModule):
         res = met.compute()
         met.reset()
         logs = {f"{split}/{k.replace('/', '_')}": v for k, v in res.items()}
-        self.log_dict(logs)
+        # torchmetrics already gathered every rank's videos: the values agree on all ranks
+        self.log_dict(logs, sync_dist=True)
         return res
 
     def validation_step(self, batch, batch_idx):
@@ -263,7 +279,7 @@ class VADModule(ZooModule):
     def on_validation_epoch_end(self):
         res = self._log_metrics("val")
         final = self.stage_at(self.current_epoch) == self.stage_at(10 ** 9)
-        self.log("val/auc_final_stage", res["auc"] if final else torch.tensor(-1.0))
+        self.log("val/auc_final_stage", res["auc"] if final else torch.tensor(-1.0), sync_dist=True)
 
     def on_test_epoch_start(self):
         super().on_test_epoch_start()

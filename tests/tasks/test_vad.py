@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import numpy as np
@@ -15,8 +16,8 @@ from tasks.vad.data import (BalancedBatchSampler, VADDataModule, class_from_name
 from tasks.vad.losses import (TGSConfig, find_peaks, gaussian_splat, mil_loss, tgs_loss,
                               tgs_pseudo_labels, topk_k, topk_mean)
 from tasks.vad.metrics import FrameVADMetrics
-from tasks.vad.model import (ClassExperts, CrossAttentionGate, DenseHead, GSMoE, count_params,
-                             dense_head_hidden)
+from tasks.vad.model import (ClassExperts, CrossAttentionGate, DenseHead, GSMoE, HeadInput,
+                             count_params, dense_head_hidden)
 from tasks.vad.module import VADModule, group_classes
 from zoo.moe import routing_stats
 
@@ -207,10 +208,17 @@ def test_class_names_and_pooling():
 
 
 def test_balanced_sampler_and_synthetic_ground_truth():
-    s = BalancedBatchSampler([0] * 10 + [1] * 4, batch_size=4, seed=0)
+    labels = [0] * 10 + [1] * 4
+    s = BalancedBatchSampler(range(14), batch_size=4, labels=labels)
     batches = list(s)
-    assert len(batches) == 5
+    assert len(batches) == len(s) == 5
     assert all(sum(i >= 10 for i in b) == 2 for b in batches)
+    assert sorted({i for b in batches for i in b}) == list(range(14))  # every video is drawn
+    # a distributed shard (every other index, as DistributedSampler gives rank 0 of 2) is
+    # balanced within itself and holds only the shard's videos
+    shard = BalancedBatchSampler(range(0, 14, 2), batch_size=4, labels=labels)
+    assert {i for b in shard for i in b} == set(range(0, 14, 2))
+    assert all(sum(i >= 10 for i in b) == 2 for b in shard) and len(shard) == 3
     world = make_world(3, 16, seed=0)
     vids = make_synthetic_split(world, 2, 6, 32, 32, difficulty=1.0, seed=1)
     for v in vids:
@@ -237,6 +245,7 @@ def test_kdd_tsad_clips_when_aeon_is_installed():
 def test_metrics_match_sklearn():
     rng = np.random.default_rng(0)
     met = FrameVADMetrics(["A", "B"])
+    padded = FrameVADMetrics(["A", "B"])  # as under DDP: some videos scored twice (by two ranks)
     all_s, all_y, vids = [], [], []
     for i, cls in enumerate([-1, 0, 1, -1, 0, 1]):
         T = int(rng.integers(4, 9))
@@ -245,6 +254,8 @@ def test_metrics_match_sklearn():
         if cls >= 0:
             y[16:16 * 3 + 5] = 1
         met.update(s, y, cls)
+        for _ in range(1 + (i % 2)):
+            padded.update(s, y, cls, video=i)
         fs = np.repeat(s.numpy(), 16)
         all_s.append(fs), all_y.append(y.numpy()), vids.append(np.full(T * 16, cls))
     s, y, c = map(np.concatenate, (all_s, all_y, vids))
@@ -256,6 +267,8 @@ def test_metrics_match_sklearn():
     assert float(out["ap_a"]) == pytest.approx(average_precision_score(y[a], s[a]), abs=1e-6)
     sel = (c == -1) | (c == 1)
     assert float(out["auc/B"]) == pytest.approx(roc_auc_score(y[sel], s[sel]), abs=1e-6)
+    dedup = padded.compute()
+    assert all(float(dedup[k]) == pytest.approx(float(v), abs=1e-7) for k, v in out.items())
     with pytest.raises(ValueError, match="frames"):
         met.update(torch.zeros(3), torch.zeros(40, dtype=torch.long), -1)
 
@@ -292,12 +305,32 @@ def test_experts_are_independent_and_gate_routes():
     task = torch.randn(2, 10)
     y = gate(f, out2, task)
     assert y.shape == (2, 10)
-    # the correction MLP starts at zero: the output is the attention mix of the logits
-    assert torch.all(y <= torch.maximum(out2.amax(-1), task) + 1e-5)
+    # query projection and correction MLP start at zero: the gate starts as the experts' average
+    assert torch.allclose(y, out2.mean(-1), atol=1e-5)
     info = gate.last_routing
     assert torch.allclose(info.probs.sum(-1), torch.ones(20), atol=1e-5)
+    assert info.extra["task_share"] == 0.0
+    with_task = CrossAttentionGate(3, 16, task_token=True)
+    y2 = with_task(f, out2, task)  # the task logit is one more token to attend to
+    assert torch.allclose(y2, torch.cat([task[..., None], out2], -1).mean(-1), atol=1e-5)
+    assert with_task.last_routing.extra["task_share"] == pytest.approx(0.25, abs=1e-5)
     stats = routing_stats(torch.nn.ModuleDict({"gate": gate}))
     assert set(stats) == {"gate"} and abs(sum(stats["gate"]["load"]) - 1) < 1e-5
+
+
+def test_head_input_modes():
+    torch.manual_seed(0)
+    x, f = torch.randn(2, 6, 10), torch.randn(2, 6, 16)
+    both = HeadInput(10, 16, "both")
+    ln = both.norm(both.proj(x))
+    assert torch.allclose(both(x, f), ln)  # alpha starts at 0: the heads start from the input
+    with torch.no_grad():
+        both.task_scale.fill_(0.5)
+    assert torch.allclose(both(x, f), ln + 0.5 * f)
+    assert HeadInput(10, 16, "input").task_scale is None
+    assert GSMoE(10, 2, dim=16, expert_input="task").input_proj is None
+    with pytest.raises(ValueError, match="expert_input"):
+        GSMoE(10, 2, dim=16, expert_input="raw")
 
 
 def test_kmeans_grouping_of_classes():
@@ -329,14 +362,14 @@ def _fit(module, dm, epochs, root):
 
 def test_staged_training_beats_chance_and_saves_plots(tmp_path):
     torch.manual_seed(0)
-    dm = _tiny_dm()
-    module = VADModule(variant="moe", stages={"encoder": 5, "tgs": 2, "experts": 3, "gate": 2},
+    dm = _tiny_dm(batch_size=4)
+    module = VADModule(variant="moe", stages={"encoder": 4, "tgs": 2, "experts": 6, "gate": 2},
                        dim=16, expert_hidden=16)
     module.on_data(dm)
     assert module.model.num_experts == 3 and module.hparams.in_dim == 16
-    assert [module.stage_at(e) for e in range(14)] == ["encoder"] * 5 + ["tgs"] * 2 + \
-        ["experts"] * 3 + ["gate"] * 4  # epochs past the schedule continue the last stage
-    trainer, res = _fit(module, dm, 12, tmp_path)
+    assert [module.stage_at(e) for e in range(16)] == ["encoder"] * 4 + ["tgs"] * 2 + \
+        ["experts"] * 6 + ["gate"] * 4  # epochs past the schedule continue the last stage
+    trainer, res = _fit(module, dm, 14, tmp_path)
     assert res["test/auc"] > 0.7, res          # chance is 0.5
     assert res["test/auc_a"] > 0.6, res
     for name in ("score_curves.png", "expert_usage.png", "routing_by_group.png"):
@@ -365,10 +398,26 @@ def test_frozen_parts_do_not_move_in_later_stages(tmp_path):
     loss, terms = module.stage_loss(batch, "gate")
     assert set(terms) == {"mil_final", "tgs_final"}
     loss.backward()
+    module.on_before_optimizer_step(opt)  # drops the frozen parts' gradients
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(enc, module.model.encoder.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(exp, module.model.experts.parameters()))
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.gate.parameters())
+    # every parameter gets a gradient in every stage (plain DDP needs that); the frozen parts'
+    # gradients are dropped before the optimizer step
+    for stage in ("encoder", "tgs", "experts", "gate"):
+        module.zero_grad(set_to_none=True)
+        module._stage = stage
+        module._set_trainable(stage)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log without a trainer
+            module.training_step(batch, 0).backward()
+        assert all(p.grad is not None for p in module.model.parameters()), stage
+        module.on_before_optimizer_step(opt)
+        dropped = {id(p) for p in module._frozen}
+        assert all((p.grad is None) == (id(p) in dropped) for p in module.model.parameters())
+        enc = {id(p) for p in module.model.encoder.parameters()}
+        assert (enc <= dropped) == (stage in ("experts", "gate")), stage
     # expert stage: each anomalous video trains only its class's expert
     mask = module._expert_mask(batch["label"], batch["cls"])
     assert (mask[batch["label"] == 0] == 1).all()

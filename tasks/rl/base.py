@@ -8,6 +8,16 @@ Each validation epoch plays ``data.eval_episodes`` deterministic episodes and ap
 (env steps, mean return) to the learning curve (plus one point before training starts);
 ``test_step`` plays ``data.test_episodes`` episodes and logs ``test/return_mean``,
 ``test/return_std``, ``test/curve_auc`` and ``test/steps_per_s``.
+
+Reproducibility and exact resume: every random draw of the algorithms (warm-up actions,
+component and action sampling, estimator noise, PPO minibatch order) comes from one
+``torch.Generator`` the module owns (``self.rng``, seeded from ``data.seed`` and the rank,
+saved in checkpoints), never from an unseeded gymnasium space or the global RNG that Lightning
+also draws from. The training environments are reset at the start of every epoch with seeds
+derived from (``data.seed``, rank, epoch), so the simulator state and its RNG at an epoch
+boundary are a function of the seed alone and a run resumed from an epoch-end checkpoint
+replays exactly what the uninterrupted run does (an episode running at the end of an epoch is
+cut there, as a time-limit truncation: bootstrapped, not terminal).
 """
 from __future__ import annotations
 
@@ -35,6 +45,8 @@ class RLModule(ZooModule):
         self.curve_returns: list[float] = []
         self._obs: np.ndarray | None = None           # current observation of the training envs
         self._episode_return: np.ndarray | None = None
+        self.rng = torch.Generator()                  # every random draw of training (see module doc)
+        self._pending_rng_state: torch.Tensor | None = None  # sampler state read from a checkpoint
 
     # ---- construction from the environment ---------------------------------------------------
     def on_data(self, datamodule) -> None:
@@ -71,18 +83,78 @@ class RLModule(ZooModule):
             raise ValueError("the RL modules need an RLDataModule (pass datamodule= to the Trainer)")
         return dm
 
+    def derived_seed(self, *keys: int) -> int:
+        """A 32-bit seed from (``data.seed``, this rank, *keys): every rank of a multi-process run
+        gets its own streams. Keys used: (0,) the sampler ``self.rng``; (1, epoch, env index) the
+        training-env resets; (2,) the replay buffer's sampler."""
+        entropy = [self.datamodule.seed, self.global_rank, *map(int, keys)]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
     def on_fit_start(self) -> None:
         if self.model is None:
             self.on_data(self.datamodule)
-        self._obs = None  # every fit starts its training envs from a seeded reset
+        self.rng = torch.Generator(device=self.device)
+        if self._pending_rng_state is not None:  # resuming: continue the saved sampler stream
+            self.rng.set_state(self._pending_rng_state)
+            self._pending_rng_state = None
+        else:
+            self.rng.manual_seed(self.derived_seed(0))
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._obs = None  # every epoch starts its training envs from a reset seeded by the epoch
+
+    # ---- one optimiser step (single process or data-parallel) ------------------------------------
+    def optimizer_step(self, loss: torch.Tensor, optimizer, max_grad_norm: float | None = None) -> None:
+        """zero_grad, ``manual_backward``, optional grad-norm clip, step.
+
+        Under a multi-process strategy (``--trainer.strategy ddp``) the gradients of this
+        optimiser's parameters are averaged over the ranks here, with DDP's own reducer
+        blocked: SAC makes several backward passes per ``training_step``, each through a
+        different subset of parameters (critics, actor, temperature), which DDP's reducer (one
+        backward over all parameters per forward) rejects."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer.zero_grad()
+        if self.trainer.world_size > 1:
+            with self.trainer.strategy.block_backward_sync():
+                self.manual_backward(loss)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= self.trainer.world_size
+            for p, g in zip(params, flat.split([q.numel() for q in params])):
+                p.grad = g.view_as(p).clone()
+        else:
+            self.manual_backward(loss)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+
+    def all_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [n, ...] of every rank concatenated along dim 0 ([W n, ...]; ``x`` in a single
+        process), for statistics that must agree over ranks (PPO's running normalisers)."""
+        world = self.trainer.world_size
+        if world <= 1:
+            return x
+        out = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(out, x.contiguous())
+        return torch.cat(out)
 
     # ---- training-environment helpers ----------------------------------------------------------
     def reset_train_env(self) -> np.ndarray:
+        """Reset every training env with a seed derived from (data.seed, rank, epoch, env index)."""
         env = self.datamodule.train_env
-        seed = self.datamodule.seed
-        obs, _ = env.reset(seed=[seed + i for i in range(env.num_envs)])
+        seeds = [self.derived_seed(1, self.current_epoch, i) for i in range(env.num_envs)]
+        obs, _ = env.reset(seed=seeds)
         self._episode_return = np.zeros(env.num_envs)
         return obs
+
+    def random_actions(self, n: int) -> np.ndarray:
+        """``n`` actions uniform in the action bounds [n, A], drawn from ``self.rng`` (a gymnasium
+        space's own ``sample()`` is seeded from OS entropy unless seeded, so it is not used)."""
+        low, high = self.model.action_low, self.model.action_high
+        u = torch.rand(n, low.shape[0], generator=self.rng, device=low.device)
+        return (low + u * (high - low)).cpu().numpy()
 
     def step_train_env(self, action: np.ndarray):
         """One vector step; returns (next_obs for the buffer, obs to continue from, reward,
@@ -98,7 +170,7 @@ class RLModule(ZooModule):
         for i in np.nonzero(done)[0]:
             self.log("train/episode_return", float(self._episode_return[i]), on_step=True, on_epoch=False)
             self._episode_return[i] = 0.0
-        self.env_steps += env.num_envs
+        self.env_steps += env.num_envs * self.trainer.world_size  # global: every rank steps its own envs
         return real_next, obs, reward, terminated, done
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -209,7 +281,8 @@ class RLModule(ZooModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         state = {"env_steps": self.env_steps, "train_seconds": self.train_seconds,
-                 "curve_steps": list(self.curve_steps), "curve_returns": list(self.curve_returns)}
+                 "curve_steps": list(self.curve_steps), "curve_returns": list(self.curve_returns),
+                 "sampler_rng": self.rng.get_state()}
         checkpoint["rl_state"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -220,6 +293,8 @@ class RLModule(ZooModule):
             # Testing the best checkpoint right after fit (zoo compare): the learning curve,
             # step count and speed describe the whole run, not the epoch the checkpoint is from.
             return
+        if "sampler_rng" in state:
+            self._pending_rng_state = state["sampler_rng"]
         self.env_steps = int(state.get("env_steps", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.curve_steps = steps

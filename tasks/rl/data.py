@@ -99,16 +99,18 @@ class StepIndices(Dataset):
 
 
 class EpisodeSeeds(Dataset):
-    """Item ``i`` = the reset seed of evaluation episode ``i``; one batch holds all of them."""
+    """One item: the reset seeds of all evaluation episodes [n] (one batch). A single item also
+    means that under a multi-process strategy every rank plays every episode (the distributed
+    sampler pads one item to every rank), so all ranks log the same evaluation of the same weights."""
 
     def __init__(self, seeds: list[int]):
         self.seeds = seeds
 
     def __len__(self) -> int:
-        return len(self.seeds)
+        return 1
 
-    def __getitem__(self, i: int) -> int:
-        return self.seeds[i]
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(self.seeds)  # [n]
 
 
 class RLDataModule(LightningDataModule):
@@ -124,7 +126,9 @@ class RLDataModule(LightningDataModule):
         steps_per_epoch: env steps per Lightning epoch (one evaluation point each epoch).
         eval_episodes: deterministic evaluation episodes per validation epoch (learning curve).
         test_episodes: deterministic evaluation episodes at test time.
-        seed: seed of the training environments' first reset and of the evaluation episodes;
+        seed: root of every seed of the run: the training environments' per-epoch resets and the
+            module's sampler are derived from it (with the rank), evaluation episodes use
+            ``seed + 10000 + i`` (validation) and ``seed + 20000 + i`` (test);
             None = the run's ``seed_everything`` value (``PL_GLOBAL_SEED``), so every seed of
             ``zoo compare`` also sees different episodes.
         max_episode_steps: optional time-limit override.
@@ -197,26 +201,8 @@ class RLDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         seeds = [self.seed + VAL_SEED_OFFSET + i for i in range(self.hparams.eval_episodes)]
-        return DataLoader(EpisodeSeeds(seeds), batch_size=len(seeds), shuffle=False)
+        return DataLoader(EpisodeSeeds(seeds), batch_size=None, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         seeds = [self.seed + TEST_SEED_OFFSET + i for i in range(self.hparams.test_episodes)]
-        return DataLoader(EpisodeSeeds(seeds), batch_size=len(seeds), shuffle=False)
-
-    # ---- checkpointed state: RNGs of the training environments ---------------------------
-    def state_dict(self) -> dict:
-        """RNG state of every training sub-environment (Lightning stores it in checkpoints).
-
-        The simulator's internal physics state is not generic across gymnasium envs, so an
-        exact mid-episode resume also needs the module's saved last observation and a reset.
-        """
-        if self.train_env is None:
-            return {}
-        return {"env_rng": [e.unwrapped.np_random.bit_generator.state for e in self.train_env.envs]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        self.setup("fit")
-        for e, rng_state in zip(self.train_env.envs, state["env_rng"]):
-            e.unwrapped.np_random.bit_generator.state = rng_state
+        return DataLoader(EpisodeSeeds(seeds), batch_size=None, shuffle=False)

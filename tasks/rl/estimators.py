@@ -1,4 +1,4 @@
-"""Gradient estimators for the discrete component choice of a Gaussian-mixture actor (SAC).
+"""Gradient estimators for the discrete component choice of a Gaussian-mixture actor.
 
 All three take the K reparameterised candidate actions of a state (one per component), their
 per-component log-probabilities, the mixing logits and a critic ``q_fn``, and return the
@@ -15,6 +15,13 @@ that trains the mixing weights.
   reparameterised through component k, the logits get ``-log alpha_k(s) * A_k`` with the
   advantage ``A_k = (Q_k - t log pi_k) - sum_j alpha_j (Q_j - t log pi_j)`` (baseline: the
   alpha-weighted mean over components, so the estimator stays unbiased).
+
+SAC uses all three for its actor loss. PMOE-PPO uses them only to train the mixing weights
+against its ranking critic (candidates detached, log-probabilities zero; see
+``PPOModule.mixing_loss``): ``frequency`` -> MSE to the best one-hot, ``gumbel`` -> ``-Q`` of
+the straight-through choice, ``reinforce`` -> the score-function loss.
+
+Every random draw comes from the ``generator`` passed in (the module's own, checkpointed one).
 
 Shapes: B states, K components, A action dims.
 """
@@ -49,10 +56,21 @@ def frequency_estimator(actions: torch.Tensor, log_probs: torch.Tensor, logits: 
     return EstimatorOut(q, log_prob, mix_loss, best)
 
 
+def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Hard one-hot sample of Cat(softmax(logits)) [B, K] whose gradient is that of the relaxed
+    sample softmax((logits + g) / tau), g ~ Gumbel(0, 1) (Jang et al. 2017, straight-through)."""
+    exp_noise = torch.empty_like(logits).exponential_(generator=generator)  # E ~ Exp(1); -log E ~ Gumbel
+    soft = ((logits - exp_noise.log()) / tau).softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
 def gumbel_estimator(actions: torch.Tensor, log_probs: torch.Tensor, logits: torch.Tensor,
-                     q_fn: Callable[[torch.Tensor], torch.Tensor], tau: float = 1.0) -> EstimatorOut:
+                     q_fn: Callable[[torch.Tensor], torch.Tensor], tau: float = 1.0,
+                     generator: torch.Generator | None = None) -> EstimatorOut:
     """Straight-through Gumbel-softmax over components (hard one-hot forward, soft backward)."""
-    w = F.gumbel_softmax(logits, tau=tau, hard=True)       # [B, K]
+    w = straight_through_gumbel(logits, tau, generator)    # [B, K]
     action = (w.unsqueeze(-1) * actions).sum(1)            # [B, A] equals one candidate
     q = q_fn(action.unsqueeze(1)).squeeze(1)               # [B]
     log_prob = (w * log_probs).sum(1)                      # [B]
@@ -60,10 +78,11 @@ def gumbel_estimator(actions: torch.Tensor, log_probs: torch.Tensor, logits: tor
 
 
 def reinforce_estimator(actions: torch.Tensor, log_probs: torch.Tensor, logits: torch.Tensor,
-                        q_fn: Callable[[torch.Tensor], torch.Tensor], temperature: float) -> EstimatorOut:
+                        q_fn: Callable[[torch.Tensor], torch.Tensor], temperature: float,
+                        generator: torch.Generator | None = None) -> EstimatorOut:
     """Score-function gradient for the mixing weights with an alpha-weighted baseline."""
     q_all = q_fn(actions)                                             # [B, K]
-    choice = torch.distributions.Categorical(logits=logits.detach()).sample()  # [B]
+    choice = torch.multinomial(logits.detach().softmax(-1), 1, generator=generator).squeeze(1)  # [B] ~ Cat(alpha)
     q = q_all.gather(1, choice[:, None]).squeeze(1)
     log_prob = log_probs.gather(1, choice[:, None]).squeeze(1)
     soft_value = (q_all - temperature * log_probs).detach()           # [B, K]
@@ -75,12 +94,12 @@ def reinforce_estimator(actions: torch.Tensor, log_probs: torch.Tensor, logits: 
 
 
 def estimate(name: str, actions, log_probs, logits, q_fn, temperature: float = 0.0,
-             gumbel_tau: float = 1.0) -> EstimatorOut:
-    """Dispatch on the config key ``model.estimator``."""
+             gumbel_tau: float = 1.0, generator: torch.Generator | None = None) -> EstimatorOut:
+    """Dispatch on the config key ``model.estimator``; ``generator`` owns the random draws."""
     if name == "frequency":
         return frequency_estimator(actions, log_probs, logits, q_fn)
     if name == "gumbel":
-        return gumbel_estimator(actions, log_probs, logits, q_fn, tau=gumbel_tau)
+        return gumbel_estimator(actions, log_probs, logits, q_fn, tau=gumbel_tau, generator=generator)
     if name == "reinforce":
-        return reinforce_estimator(actions, log_probs, logits, q_fn, temperature)
+        return reinforce_estimator(actions, log_probs, logits, q_fn, temperature, generator=generator)
     raise ValueError(f"model.estimator must be one of {ESTIMATORS}, got {name!r}")

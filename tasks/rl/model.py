@@ -34,6 +34,11 @@ SQUASH_EPS = 1e-6                       # keeps log(1 - tanh^2) finite at the ac
 # ---------------------------------------------------------------------------------------------
 # Distribution helpers (all shapes: B states, K components, A action dims)
 # ---------------------------------------------------------------------------------------------
+def randn_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``t`` from ``generator`` (None = the global RNG)."""
+    return torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """Diagonal Gaussian log-density summed over the action dims: [..., A] -> [...]."""
     z = (x - mean) * torch.exp(-log_std)
@@ -291,18 +296,20 @@ class MixturePolicy(nn.Module):
         return torch.maximum(torch.minimum(u, self.action_high), self.action_low)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False, normalized: bool = False):
+    def act(self, obs: torch.Tensor, deterministic: bool = False, normalized: bool = False,
+            generator: torch.Generator | None = None):
         """Behaviour policy: pick a component (argmax or ~ Cat(alpha)), then act with it alone.
 
+        ``generator`` owns the draws (None = the global torch RNG).
         Returns (env_action [B, A], raw action u [B, A] (unsquashed sample), component [B])."""
         h = self.features(obs, normalized)
         logits = self.head.mixing_logits(h)  # [B, K]
         if deterministic:
             comp = logits.argmax(-1)
         else:
-            comp = torch.multinomial(logits.softmax(-1), 1).squeeze(1)  # [B] ~ Cat(alpha)
+            comp = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)  # [B] ~ Cat(alpha)
         mean, log_std = self.head.forward_selected(h, comp)  # [B, A]
-        u = mean if deterministic else mean + torch.randn_like(mean) * log_std.exp()
+        u = mean if deterministic else mean + randn_like(mean, generator) * log_std.exp()
         return self.to_env(u), u, comp
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -347,6 +354,6 @@ def orthogonal_init(module: nn.Module, out_gain: float = 1.0) -> None:
         nn.init.zeros_(lin.bias)
 
 
-__all__ = ["LOG_STD_MIN", "LOG_STD_MAX", "gaussian_log_prob", "tanh_log_det", "mixture_log_prob",
+__all__ = ["LOG_STD_MIN", "LOG_STD_MAX", "randn_like", "gaussian_log_prob", "tanh_log_det", "mixture_log_prob",
            "MixtureParams", "MixtureHead", "GaussianHead", "dense_head_hidden", "MixturePolicy",
            "SoftQNetwork", "ValueNetwork", "RunningNorm", "orthogonal_init", "get_activation"]

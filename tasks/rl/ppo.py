@@ -15,7 +15,12 @@ CleanRL ``ppo_continuous_action.py``):
 - PMOE ranking (``estimator: frequency``): a critic Q(s, u), trained by MSE toward the GAE
   returns of the taken actions, scores one sampled action per component; the mixing weights
   are trained by MSE toward the one-hot of the best component, as in the PMOE-PPO code.
-  ``estimator: likelihood`` drops that term (mixing weights learn from the ratio alone).
+  The baselines of the paper train the mixing weights against the same critic instead:
+  ``gumbel`` maximises Q of a straight-through Gumbel-softmax choice (pathwise gradient into
+  the logits), ``reinforce`` uses the score function -log alpha_k(s) (Q_k - sum_j alpha_j Q_j)
+  with k ~ Cat(alpha) (see estimators.py). ``likelihood`` drops the term (mixing weights
+  learn from the ratio alone). The ranking critic is frozen inside the mixing loss: it
+  learns only from its own regression.
 
 Observations are normalised by a running mean/std kept in the actor (saved with it) and
 rewards by the running std of the discounted return (CleanRL's NormalizeObservation and
@@ -36,16 +41,19 @@ import torch.nn.functional as F
 from zoo.moe import aux_loss
 
 from .base import RLModule
-from .model import MixturePolicy, RunningNorm, SoftQNetwork, ValueNetwork, mixture_log_prob, orthogonal_init
+from .estimators import estimate
+from .model import (MixturePolicy, RunningNorm, SoftQNetwork, ValueNetwork, mixture_log_prob, orthogonal_init,
+                    randn_like)
 
-PPO_ESTIMATORS = ("frequency", "likelihood")
+PPO_ESTIMATORS = ("frequency", "gumbel", "reinforce", "likelihood")
 
 
 class PPOModule(RLModule):
     """PMOE-PPO (``head: mixture``) and PPO (``head: gaussian``).
 
     Args:
-        head, num_components (PMOE-PPO default 5), estimator (frequency | likelihood), mix_weight.
+        head, num_components (PMOE-PPO default 5), estimator (frequency | gumbel | reinforce |
+            likelihood), mix_weight, gumbel_tau.
         hidden, trunk_layers, expert_hidden: actor trunk and per-component MLP sizes (tanh).
         critic_hidden: width of V and of the ranking critic Q.
         learning_rate, anneal_lr, gamma, gae_lambda, num_minibatches, update_epochs, norm_adv,
@@ -55,7 +63,7 @@ class PPOModule(RLModule):
     """
 
     def __init__(self, head: str = "mixture", num_components: int = 5, estimator: str = "frequency",
-                 mix_weight: float = 1.0, hidden: int = 64, trunk_layers: int = 1, expert_hidden: int = 64,
+                 mix_weight: float = 1.0, gumbel_tau: float = 1.0, hidden: int = 64, trunk_layers: int = 1, expert_hidden: int = 64,
                  router: str = "topk", critic_hidden: int = 64, learning_rate: float = 3e-4,
                  anneal_lr: bool = True, gamma: float = 0.99, gae_lambda: float = 0.95,
                  num_minibatches: int = 32, update_epochs: int = 10, norm_adv: bool = True,
@@ -86,7 +94,7 @@ class PPOModule(RLModule):
         orthogonal_init(self.value, out_gain=1.0)
         # PMOE's ranking critic Q(s, u); the dense baseline and the likelihood-only variant need none
         self.qf = (SoftQNetwork(hp.obs_dim, hp.act_dim, hp.critic_hidden, activation="tanh")
-                   if hp.head == "mixture" and hp.estimator == "frequency" else None)
+                   if self.ranks_components else None)
         self.return_norm = RunningNorm(1, enabled=hp.normalize_reward)
 
     def configure_optimizers(self):
@@ -105,7 +113,7 @@ class PPOModule(RLModule):
             self._disc_return = self._disc_return * self.hparams.gamma + rewards[t]
             returns[t] = self._disc_return
             self._disc_return = np.where(dones[t], 0.0, self._disc_return)
-        self.return_norm.update(torch.as_tensor(returns, dtype=torch.float32).reshape(-1, 1))
+        self.return_norm.update(self.all_ranks(torch.as_tensor(returns, dtype=torch.float32).reshape(-1, 1)))
         return np.clip(rewards / math.sqrt(float(self.return_norm.var[0]) + 1e-8), -10.0, 10.0)
 
     @torch.no_grad()
@@ -113,13 +121,14 @@ class PPOModule(RLModule):
         """Roll the behaviour policy for ``steps`` vector steps; returns tensors [T, N, ...].
 
         The observation statistics are frozen during a rollout and updated with all of its
-        observations at the end, so stored normalised observations and log-probs agree."""
+        observations at the end (of every rank, under a multi-process strategy, so all ranks keep
+        the same statistics), so stored normalised observations and log-probs agree."""
         hp = self.hparams
         env = self.datamodule.train_env
         n = env.num_envs
         if self._obs is None:
             self._obs = self.reset_train_env()
-            self.model.obs_norm.update(torch.as_tensor(self._obs))
+            self.model.obs_norm.update(self.all_ranks(torch.as_tensor(self._obs)))
             self._disc_return = np.zeros(n)
         rows = torch.arange(n, device=self.device)
         raw_obs, obs_n, raw_u, logps, values = [], [], [], [], []
@@ -127,8 +136,8 @@ class PPOModule(RLModule):
         for t in range(steps):
             o = self.model.obs_norm(torch.as_tensor(self._obs, dtype=torch.float32, device=self.device))  # [N, O]
             mean, log_std, logits = self._params(o)                                 # [N, K, A] x2, [N, K]
-            k = torch.multinomial(logits.softmax(-1), 1).squeeze(1)                 # [N] component ~ Cat(alpha)
-            u = mean[rows, k] + log_std[rows, k].exp() * torch.randn_like(mean[:, 0])  # [N, A]
+            k = torch.multinomial(logits.softmax(-1), 1, generator=self.rng).squeeze(1)  # [N] ~ Cat(alpha)
+            u = mean[rows, k] + log_std[rows, k].exp() * randn_like(mean[:, 0], self.rng)  # [N, A]
             logp = mixture_log_prob(u, mean, log_std, logits)                       # [N] full mixture
             v = self.value(o)                                                       # [N]
             real_next, next_obs, reward, terminated, done = self.step_train_env(
@@ -143,7 +152,7 @@ class PPOModule(RLModule):
             self._obs = next_obs
         next_value = self.value(self.model.obs_norm(torch.as_tensor(self._obs, dtype=torch.float32,
                                                                     device=self.device)))
-        self.model.obs_norm.update(torch.as_tensor(np.stack(raw_obs)))
+        self.model.obs_norm.update(self.all_ranks(torch.as_tensor(np.stack(raw_obs))))  # [W T, N, O]
         scaled = self.scale_rewards(rewards, dones) + bootstrap
         roll = {"obs": torch.stack(obs_n), "u": torch.stack(raw_u), "logp": torch.stack(logps),
                 "values": torch.stack(values),
@@ -173,13 +182,23 @@ class PPOModule(RLModule):
         return adv
 
     # ---- losses ----------------------------------------------------------------------------------
+    @property
+    def ranks_components(self) -> bool:
+        """PMOE-PPO with a ranking critic (every estimator except ``likelihood``)."""
+        return self.hparams.head == "mixture" and self.hparams.estimator != "likelihood"
+
     def mixing_loss(self, obs_n: torch.Tensor, mean, log_std, logits) -> torch.Tensor:
-        """PMOE frequency approximation for PPO: rank one sampled action per component with Q,
-        regress alpha(s) onto the one-hot of the best."""
-        with torch.no_grad():
-            cand = mean + log_std.exp() * torch.randn_like(mean)   # [B, K, A]
-            best = self.qf(obs_n, cand).argmax(-1)                  # [B]
-        return F.mse_loss(logits.softmax(-1), F.one_hot(best, logits.shape[-1]).to(logits.dtype))
+        """Train alpha(s) against the ranking critic: one sampled action per component [B, K, A]
+        (detached: the components learn from the surrogate), scored by a frozen Q, fed to the
+        configured estimator (frequency: MSE to the best one-hot; gumbel: -Q of the straight-
+        through choice; reinforce: score-function loss)."""
+        hp = self.hparams
+        cand = (mean + log_std.exp() * randn_like(mean, self.rng)).detach()      # [B, K, A]
+        frozen = {name: p.detach() for name, p in self.qf.named_parameters()}
+        q_fn = lambda a: torch.func.functional_call(self.qf, frozen, (obs_n, a))  # noqa: E731  [B, M]
+        est = estimate(hp.estimator, cand, cand.new_zeros(cand.shape[:2]), logits, q_fn,
+                       gumbel_tau=hp.gumbel_tau, generator=self.rng)
+        return -est.q.mean() if hp.estimator == "gumbel" else est.mix_loss
 
     @staticmethod
     def entropy_bound(log_std, logits) -> torch.Tensor:
@@ -202,10 +221,10 @@ class PPOModule(RLModule):
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in roll.items()}  # [T*N, ...]
         size = flat["obs"].shape[0]
         mb = max(size // hp.num_minibatches, 1)
-        use_mix = hp.head == "mixture" and hp.estimator == "frequency"
+        use_mix = self.ranks_components
         clipfracs = []
         for _ in range(hp.update_epochs):
-            perm = torch.randperm(size, device=self.device)
+            perm = torch.randperm(size, generator=self.rng, device=self.device)
             for start in range(0, size, mb):
                 idx = perm[start:start + mb]
                 obs_n, u = flat["obs"][idx], flat["u"][idx]
@@ -234,10 +253,7 @@ class PPOModule(RLModule):
                     mix_loss = self.mixing_loss(obs_n, mean, log_std, logits)
                     loss = loss + q_loss + hp.mix_weight * mix_loss
                 moe_aux = aux_loss(self.model)  # zero for PMOE (no balance loss)
-                opt.zero_grad()
-                self.manual_backward(loss + moe_aux)
-                torch.nn.utils.clip_grad_norm_(self.parameters(), hp.max_grad_norm)
-                opt.step()
+                self.optimizer_step(loss + moe_aux, opt, max_grad_norm=hp.max_grad_norm)
             if hp.target_kl is not None and approx_kl > hp.target_kl:
                 break
         self.iterations += 1
@@ -253,12 +269,8 @@ class PPOModule(RLModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["rl_state"]["iterations"] = self.iterations
-        if self._disc_return is not None:
-            checkpoint["rl_state"]["disc_return"] = torch.as_tensor(self._disc_return)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("rl_state", {})
         self.iterations = int(state.get("iterations", 0))
-        if "disc_return" in state:
-            self._disc_return = state["disc_return"].numpy()

@@ -31,7 +31,7 @@ from zoo.moe import aux_loss
 from .base import RLModule
 from .buffer import ReplayBuffer
 from .estimators import ESTIMATORS, estimate
-from .model import MixturePolicy, SoftQNetwork, gaussian_log_prob, tanh_log_det
+from .model import MixturePolicy, SoftQNetwork, gaussian_log_prob, randn_like, tanh_log_det
 
 
 class SACModule(RLModule):
@@ -98,14 +98,14 @@ class SACModule(RLModule):
     def sample_all_components(self, obs: torch.Tensor):
         """One reparameterised action per component: actions [B, K, A], log pi_k [B, K], logits [B, K]."""
         params = self.model.dist(obs)
-        u = params.mean + params.log_std.exp() * torch.randn_like(params.mean)   # [B, K, A]
+        u = params.mean + params.log_std.exp() * randn_like(params.mean, self.rng)   # [B, K, A]
         log_probs = gaussian_log_prob(u, params.mean, params.log_std) - tanh_log_det(u, self.model.action_scale)
         return self.model.to_env(u), log_probs, params.logits
 
     def sample_behaviour(self, obs: torch.Tensor):
         """Behaviour-policy action at obs: k ~ Cat(alpha(s)), a ~ pi_k; -> a [B, A], log pi_k(a) [B]."""
         actions, log_probs, logits = self.sample_all_components(obs)
-        k = torch.multinomial(logits.softmax(-1), 1).squeeze(1)  # [B] ~ Cat(alpha)
+        k = torch.multinomial(logits.softmax(-1), 1, generator=self.rng).squeeze(1)  # [B] ~ Cat(alpha)
         idx = k[:, None]
         return actions.gather(1, idx[:, :, None].expand(-1, 1, actions.shape[-1])).squeeze(1), \
             log_probs.gather(1, idx).squeeze(1)
@@ -128,28 +128,22 @@ class SACModule(RLModule):
             target = rewards + hp.gamma * (1 - terminated) * (q_next - alpha * next_log_pi)  # [B]
         q1, q2 = self.qf1(obs, actions), self.qf2(obs, actions)
         qf_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        q_opt.zero_grad()
-        self.manual_backward(qf_loss)
-        q_opt.step()
+        self.optimizer_step(qf_loss, q_opt)
         logs = {"train/qf_loss": qf_loss.detach(), "train/q1": q1.detach().mean()}
 
         if self.updates % hp.policy_frequency == 0:
             for _ in range(hp.policy_frequency):  # TD3-style delayed updates, compensated (CleanRL)
                 cand, log_probs, logits = self.sample_all_components(obs)
                 est = estimate(hp.estimator, cand, log_probs, logits, lambda a: self.min_q(obs, a),
-                               temperature=float(alpha), gumbel_tau=hp.gumbel_tau)
+                               temperature=float(alpha), gumbel_tau=hp.gumbel_tau, generator=self.rng)
                 actor_loss = (alpha * est.log_prob - est.q).mean()
                 if hp.head == "mixture":
                     actor_loss = actor_loss + hp.mix_weight * est.mix_loss
                 moe_aux = aux_loss(self.model)  # zero for PMOE (no balance loss), kept for routers that add one
-                actor_opt.zero_grad()
-                self.manual_backward(actor_loss + moe_aux)
-                actor_opt.step()
+                self.optimizer_step(actor_loss + moe_aux, actor_opt)
                 if hp.autotune:
                     alpha_loss = (-self.log_alpha.exp() * (est.log_prob.detach() + self.target_entropy)).mean()
-                    alpha_opt.zero_grad()
-                    self.manual_backward(alpha_loss)
-                    alpha_opt.step()
+                    self.optimizer_step(alpha_loss, alpha_opt)
                     alpha = self.log_alpha.exp().detach()
             logs.update({"train/actor_loss": actor_loss.detach(), "train/mix_loss": est.mix_loss.detach(),
                          "train/aux_loss": moe_aux.detach(),
@@ -176,10 +170,10 @@ class SACModule(RLModule):
         logs = None
         for _ in range(len(batch) // env.num_envs):
             if self.env_steps < hp.learning_starts:
-                action = np.stack([env.single_action_space.sample() for _ in range(env.num_envs)])
+                action = self.random_actions(env.num_envs)
             else:
                 obs_t = torch.as_tensor(self._obs, dtype=torch.float32, device=self.device)
-                action = self.model.act(obs_t)[0].cpu().numpy()
+                action = self.model.act(obs_t, generator=self.rng)[0].cpu().numpy()
             real_next, next_obs, reward, terminated, _ = self.step_train_env(action)
             self.buffer.add(self._obs, action, reward, real_next, terminated)
             self._obs = next_obs
@@ -191,10 +185,16 @@ class SACModule(RLModule):
         if logs:
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=len(batch))
 
-    # ---- checkpoint: replay buffer and training-env state -------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if len(self.buffer) == 0:  # a fresh run (a resumed one restored the buffer and its sampler)
+            self.buffer.rng = np.random.default_rng(self.derived_seed(2))
+
+    # ---- checkpoint: replay buffer, update counter ----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["rl_state"]["updates"] = self.updates
+        checkpoint["rl_state"]["logged_at"] = self._logged_at
         if self.hparams.save_buffer:
             checkpoint["rl_state"]["buffer"] = self.buffer.state_dict()
 
@@ -202,5 +202,6 @@ class SACModule(RLModule):
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("rl_state", {})
         self.updates = int(state.get("updates", 0))
+        self._logged_at = int(state.get("logged_at", 0))
         if "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])

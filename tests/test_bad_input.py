@@ -14,14 +14,14 @@ file); the subprocesses run in parallel. Checkpoint and config-key cases run ``z
 | robust_cnn       |           16 |              1 |                |
 | multitask_vit    |           18 |              1 |                |
 | diffusion_policy |           19 |              1 |                |
-| vad              |           17 |              1 |                |
+| vad              |           19 |              1 |                |
 | checkpoints      |              |              1 |              3 |
 | config keys      |              |              1 |              5 |
 
 CLI subprocesses: one corrupted file per task, a checkpoint of the MoE config given to the dense
 config, and an unknown key in a config file. In-process CLI: an unknown ``--data`` key per task,
 and a checkpoint of another task, a truncated checkpoint and a plain ``torch.save`` file.
-Total: 86 reader cases + 7 CLI subprocesses + 8 in-process CLI cases = 101 bad inputs
+Total: 88 reader cases + 7 CLI subprocesses + 8 in-process CLI cases = 103 bad inputs
 (plus 5 valid data sets that must load).
 """
 from __future__ import annotations
@@ -526,6 +526,8 @@ VAD_CASES = {
                               ["Abuse002_x264.npy", "feature width 5 differs from 8"]),
     "gt of the wrong length": (_vad_npy("gt.npy", np.zeros(100, np.int64)), ["gt.npy", "100 frame labels", "need 128"]),
     "gt label out of range": (_vad_npy("gt.npy", np.full(128, 2)), ["gt.npy", "0 or 1"]),
+    "empty gt": (_vad_write("gt.npy", b""), ["gt.npy", "not a readable .npy array of frame labels"]),
+    "truncated gt": (lambda r: (cut(r / "gt.npy"), r)[1], ["gt.npy", "not a readable .npy array of frame labels"]),
     "unknown test class": (lambda r: (os.rename(r / "Abuse002_x264.npy", r / "Arson002_x264.npy"),
                                       (r / "test.list").write_text("Normal_Videos_003_x264.npy\nArson002_x264.npy\n"), r)[2],
                            ["Arson002_x264.npy", "unknown class 'Arson'"]),

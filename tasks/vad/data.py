@@ -329,7 +329,10 @@ def read_feature_folder(root: str | Path, train_list: str = "train.list",
         test.append(v)
     gt_path, ann_path = root / gt, root / annotations
     if gt_path.is_file():
-        labels = np.load(gt_path, allow_pickle=False).reshape(-1)
+        try:
+            labels = np.load(gt_path, allow_pickle=False).reshape(-1)
+        except Exception as err:  # numpy raises several types for an empty or truncated file
+            raise ValueError(f"{gt_path}: not a readable .npy array of frame labels ({err})") from None
         need = sum(v.num_snippets * frames_per_snippet for v in test)
         if labels.shape[0] != need:
             raise ValueError(f"{gt_path}: has {labels.shape[0]} frame labels but the videos of "

@@ -82,13 +82,15 @@ class BatchedExperts(nn.Module):
         buffer: a single batched GEMM per layer whose weight gradients come out already stacked,
         instead of E small GEMMs, a concatenation of their outputs and a stack of E gradients
         (the padded rows are never read back, so they add nothing to any gradient). Skewed
-        routing, where padding would waste more than ``pad_limit``, uses the per-expert slices.
+        routing, where padding would waste more than ``pad_limit``, and inference (no grad) use
+        the per-expert slices.
         """
         counts_l = counts.tolist()
         a, c = rows.numel(), max(counts_l, default=0)
         if a == 0:
             return x.new_zeros(0, self.out_dim)
-        if c * self.num_experts > self.pad_limit * a:
+        # inference keeps the exact per-expert slices: no padded rows in FLOP counts or time
+        if c * self.num_experts > self.pad_limit * a or not torch.is_grad_enabled():
             return self.forward_sorted(x.index_select(0, rows), counts_l)
         starts = torch.cumsum(counts, 0) - counts
         slot = expert_index * c + (torch.arange(a, device=x.device) - starts[expert_index])  # [A]

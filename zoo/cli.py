@@ -122,8 +122,10 @@ class ZooCLI(LightningCLI):
         # two callbacks: with a monitor, save_last only rewrites last.ckpt when a new best is
         # saved, so a run whose metric fell in its last epoch would resume from the best epoch
         callbacks = list(callbacks) + [
+            # every training epoch end (after that epoch's validation, if any), also in epochs
+            # that skip validation (check_val_every_n_epoch > 1)
             ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
-                            enable_version_counter=False),
+                            save_on_train_epoch_end=True, enable_version_counter=False),
         ]
         if monitor:
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor,

@@ -29,7 +29,7 @@ import torch
 from zoo.module import ZooModule
 
 from .metrics import curve_auc, plot_pendulum_components, return_stats
-from .model import MixtureHead
+from .model import MixtureHead, MixturePolicy
 
 
 class RLModule(ZooModule):
@@ -65,6 +65,15 @@ class RLModule(ZooModule):
     def build_networks(self) -> None:
         """Build actor/critics once the spaces are known (SAC and PPO each define theirs)."""
         raise TypeError(f"{type(self).__name__} must define build_networks()")
+
+    def build_policy(self, **kw) -> "MixturePolicy":
+        """The mixture (or single-Gaussian) policy from the shared hparams; ``kw`` holds what
+        SAC and PPO set differently (activation, squashing, std parameterisation, init)."""
+        hp = self.hparams
+        return MixturePolicy(hp.obs_dim, hp.act_dim, hp.action_low, hp.action_high, head=hp.head,
+                             hidden=hp.hidden, trunk_layers=hp.trunk_layers,
+                             num_components=hp.num_components, expert_hidden=hp.expert_hidden,
+                             router=hp.router, **kw)
 
     def flops_inputs(self) -> tuple:
         return (torch.zeros(1, self.hparams.obs_dim),)

@@ -42,7 +42,7 @@ from zoo.moe import aux_loss
 
 from .base import RLModule
 from .estimators import estimate
-from .model import (MixturePolicy, RunningNorm, SoftQNetwork, ValueNetwork, mixture_log_prob, orthogonal_init,
+from .model import (RunningNorm, SoftQNetwork, ValueNetwork, mixture_log_prob, orthogonal_init,
                     randn_like)
 
 PPO_ESTIMATORS = ("frequency", "gumbel", "reinforce", "likelihood")
@@ -83,12 +83,9 @@ class PPOModule(RLModule):
 
     def build_networks(self) -> None:
         hp = self.hparams
-        self.model = MixturePolicy(hp.obs_dim, hp.act_dim, hp.action_low, hp.action_high, head=hp.head,
-                                   hidden=hp.hidden, trunk_layers=hp.trunk_layers,
-                                   num_components=hp.num_components, expert_hidden=hp.expert_hidden,
-                                   router=hp.router, activation="tanh", squash=False,
-                                   state_dependent_std=False, normalize_obs=hp.normalize_obs,
-                                   out_scale=0.01, init_log_std=hp.init_log_std)
+        self.model = self.build_policy(activation="tanh", squash=False, state_dependent_std=False,
+                                       normalize_obs=hp.normalize_obs, out_scale=0.01,
+                                       init_log_std=hp.init_log_std)
         orthogonal_init(self.model.trunk)
         self.value = ValueNetwork(hp.obs_dim, hp.critic_hidden)
         orthogonal_init(self.value, out_gain=1.0)

@@ -31,7 +31,7 @@ from zoo.moe import aux_loss
 from .base import RLModule
 from .buffer import ReplayBuffer
 from .estimators import ESTIMATORS, estimate
-from .model import MixturePolicy, SoftQNetwork, gaussian_log_prob, randn_like, tanh_log_det
+from .model import SoftQNetwork, gaussian_log_prob, randn_like, tanh_log_det
 
 
 class SACModule(RLModule):
@@ -73,11 +73,7 @@ class SACModule(RLModule):
 
     def build_networks(self) -> None:
         hp = self.hparams
-        self.model = MixturePolicy(hp.obs_dim, hp.act_dim, hp.action_low, hp.action_high, head=hp.head,
-                                   hidden=hp.hidden, trunk_layers=hp.trunk_layers,
-                                   num_components=hp.num_components, expert_hidden=hp.expert_hidden,
-                                   router=hp.router, activation="relu", squash=True,
-                                   state_dependent_std=True)
+        self.model = self.build_policy(activation="relu", squash=True, state_dependent_std=True)
         self.qf1 = SoftQNetwork(hp.obs_dim, hp.act_dim, hp.critic_hidden)
         self.qf2 = SoftQNetwork(hp.obs_dim, hp.act_dim, hp.critic_hidden)
         self.qf1_target = copy.deepcopy(self.qf1).requires_grad_(False)

@@ -73,8 +73,8 @@ class BatchedExperts(nn.Module):
     #: 1k/8k/32k tokens); set e.g. 1.25 to try it where one batched GEMM pays (accelerators).
     pad_limit: float = 0.0
 
-    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # defined by every subclass
+        raise TypeError(f"{type(self).__name__} must define forward_expert(e, x) and forward_batched(x)")
 
     def forward_grouped(self, x: torch.Tensor, rows: torch.Tensor, expert_index: torch.Tensor,
                         counts: torch.Tensor) -> torch.Tensor:

@@ -287,12 +287,32 @@ class RLModule(ZooModule):
             plot_pendulum_components(self.model, self.run_dir / "pendulum_components.png")
 
     # ---- checkpointed training state -----------------------------------------------------------
+    def rank_state(self) -> dict:
+        """What differs between the ranks of a data-parallel run: the sampler stream here,
+        plus the replay buffer in SAC. Saved for every rank (see :meth:`on_save_checkpoint`)."""
+        return {"sampler_rng": self.rng.get_state()}
+
+    def load_rank_state(self, state: dict) -> None:
+        if "sampler_rng" in state:
+            self._pending_rng_state = state["sampler_rng"]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Shared counters once, and :meth:`rank_state` of every rank as ``rl_state["ranks"]``.
+
+        Lightning builds the checkpoint on every rank and rank 0 writes it, so the per-rank
+        states (replay buffers, sampler streams) are gathered to rank 0 first; without that a
+        resumed multi-process run would give every rank rank 0's buffer."""
         super().on_save_checkpoint(checkpoint)
-        state = {"env_steps": self.env_steps, "train_seconds": self.train_seconds,
-                 "curve_steps": list(self.curve_steps), "curve_returns": list(self.curve_returns),
-                 "sampler_rng": self.rng.get_state()}
-        checkpoint["rl_state"] = state
+        mine = self.rank_state()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            ranks = [None] * world if self.global_rank == 0 else None
+            torch.distributed.gather_object(mine, ranks, dst=0)
+        else:
+            ranks = [mine]
+        checkpoint["rl_state"] = {"env_steps": self.env_steps, "train_seconds": self.train_seconds,
+                                  "curve_steps": list(self.curve_steps),
+                                  "curve_returns": list(self.curve_returns), "ranks": ranks}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -302,8 +322,15 @@ class RLModule(ZooModule):
             # Testing the best checkpoint right after fit (zoo compare): the learning curve,
             # step count and speed describe the whole run, not the epoch the checkpoint is from.
             return
-        if "sampler_rng" in state:
-            self._pending_rng_state = state["sampler_rng"]
+        ranks = state.get("ranks", [state])  # checkpoints before per-rank states: one, top level
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        if len(ranks) != world and rank == 0:
+            print(f"zoo: the checkpoint holds the replay/sampler state of {len(ranks)} rank(s) and this run "
+                  f"has {world}: rank r resumes rank r's state, ranks without one start a fresh buffer "
+                  "and sampler stream", flush=True)
+        if rank < len(ranks):
+            self.load_rank_state(ranks[rank])
         self.env_steps = int(state.get("env_steps", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.curve_steps = steps

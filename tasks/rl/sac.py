@@ -191,13 +191,20 @@ class SACModule(RLModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["rl_state"]["updates"] = self.updates
         checkpoint["rl_state"]["logged_at"] = self._logged_at
+
+    def rank_state(self) -> dict:
+        state = super().rank_state()
         if self.hparams.save_buffer:
-            checkpoint["rl_state"]["buffer"] = self.buffer.state_dict()
+            state["buffer"] = self.buffer.state_dict()
+        return state
+
+    def load_rank_state(self, state: dict) -> None:
+        super().load_rank_state(state)
+        if "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("rl_state", {})
         self.updates = int(state.get("updates", 0))
         self._logged_at = int(state.get("logged_at", 0))
-        if "buffer" in state:
-            self.buffer.load_state_dict(state["buffer"])

@@ -8,7 +8,11 @@ For d=256, h=1024, E=8, k=2 (dropless) it times forward+backward of
   loop    the naive per-expert loop (boolean mask, gather, compute, scatter per expert)
   einsum  GShard-style one-hot dispatch/combine tensors [T, E, C] and einsums (capacity = k*T/E)
 interleaving the methods in every repetition (this machine is noisy) and reporting medians
-and ratios to the dense FFN. Peak memory is the resident-set growth of one forward+backward
+and ratios to the dense FFN. Every step starts with the gradients set to None, as an optimizer's
+``zero_grad()`` leaves them in training. A "GEMMs alone" column times only the matrix products of
+both layers (forward and both backward products) for the token counts the router produced:
+E GEMMs of ~k*T/E rows against the dense FFN's one GEMM of T rows, the part of the gap that
+no dispatch code can remove on this CPU. Peak memory is the resident-set growth of one forward+backward
 in a fresh subprocess per (method, T). Then inference alone (no grad) for 1..8192 tokens.
 """
 from __future__ import annotations
@@ -97,8 +101,46 @@ def einsum_bytes(t: int) -> int:
 
 
 def step(model, x):
+    for p in model.parameters():
+        p.grad = None
+    x.grad = None
     y = model(x)
     y.float().pow(2).mean().backward()
+
+
+def gemm_floor(t: int, repeats: int) -> float:
+    """Median time of the MoE's expert GEMMs over that of the dense FFN's GEMMs, fwd+bwd.
+
+    The expert row counts are those the benchmark's router assigns to ``t`` random tokens."""
+    moe = build("moe")
+    x = torch.randn(t, D)
+    with torch.no_grad():
+        idx, _, _ = moe.router(x, None)
+    counts = torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    a = sum(counts)
+    xs, hs, gs = torch.randn(a, D), torch.randn(a, H), torch.randn(a, D)
+    w1, w2 = torch.randn(E, D, H), torch.randn(E, H, D)
+    xd, hd, gd = torch.randn(t, D), torch.randn(t, K * H), torch.randn(t, D)
+    wd1, wd2 = torch.randn(D, K * H), torch.randn(K * H, D)
+
+    def six(x_, h_, g_, a_, b_):  # forward x a, h b; backward g b^T, h^T g, then c a^T, x^T c
+        c = g_ @ b_.t()
+        x_ @ a_, h_ @ b_, h_.t() @ g_, c @ a_.t(), x_.t() @ c
+
+    def experts():
+        for e, (x_, h_, g_) in enumerate(zip(xs.split(counts), hs.split(counts), gs.split(counts))):
+            if counts[e]:
+                six(x_, h_, g_, w1[e], w2[e])
+
+    def dense():
+        six(xd, hd, gd, wd1, wd2)
+
+    experts(), dense()
+    te, td = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); experts(); te.append(time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter(); dense(); td.append(time.perf_counter() - t0)  # noqa: E702
+    return sorted(te)[len(te) // 2] / sorted(td)[len(td) // 2]
 
 
 def _status_kib(field: str) -> int:
@@ -163,19 +205,20 @@ def main():
                 times[m].append(time.perf_counter() - t0)
         med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
         mem = {m: (float("nan") if args.no_memory else peak_memory(m, t)) for m in methods}
-        rows.append((t, med, mem))
+        rows.append((t, med, mem, gemm_floor(t, args.repeats)))
 
     print("\nforward+backward, median seconds (ratio to dense FFN of equal active FLOPs)")
-    print(f"{'T':>6} | {'moe':>16} | {'dense':>8} | {'loop':>16} | {'einsum':>16} | moe/loop | moe/einsum")
-    for t, med, _ in rows:
+    print(f"{'T':>6} | {'moe':>16} | {'dense':>8} | {'loop':>16} | {'einsum':>16} | moe/loop | moe/einsum"
+          " | GEMMs alone")
+    for t, med, _, floor in rows:
         d = med["dense"]
         cell = lambda m: f"{med[m]:.4f} ({med[m] / d:.2f}x)" if m in med else "skipped (memory)"  # noqa: E731
         ein = f"{med['moe'] / med['einsum']:.2f}" if "einsum" in med else "-"
         print(f"{t:>6} | {cell('moe'):>16} | {d:>8.4f} | {cell('loop'):>16} | {cell('einsum'):>16} | "
-              f"{med['moe'] / med['loop']:.2f}     | {ein}")
+              f"{med['moe'] / med['loop']:.2f}     | {ein:>10} | {floor:.2f}x")
     if not args.no_memory:
         print("\npeak memory of one forward+backward, MiB (ratio to dense)")
-        for t, _, mem in rows:
+        for t, _, mem, _ in rows:
             d = mem["dense"]
             cells = " | ".join(f"{m} {v:.0f} ({v / d:.2f}x)" for m, v in mem.items())
             print(f"{t:>6} | {cells}")

@@ -15,10 +15,13 @@ from .experts import BatchedExperts
 
 def dispatch(x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
              weights: torch.Tensor, experts: BatchedExperts, capacity: int | None = None,
-             priority: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             priority: torch.Tensor | None = None, per_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``experts`` on the assigned tokens and combine.
 
     x: [N, dim]; token_index, expert_index, weights: [A]; priority: [A] (lower = kept first).
+    ``per_token=k`` declares that the assignments are token-major with exactly k per token
+    (``token_index = arange(N).repeat_interleave(k)``, dropless top-k routing); each token's
+    outputs are then summed by a gather instead of a scatter-add.
     Returns y [N, out] = sum over kept assignments a of weights[a] * expert[e_a](x[t_a]),
     and kept [A] bool (in the input order of the assignments).
     """
@@ -38,9 +41,13 @@ def dispatch(x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Ten
         counts = counts.clamp(max=capacity)
     # index_select's backward is an index_add (fast); x[ti] would backprop through index_put
     ei_kept = ei if capacity is None else ei[kept_sorted]
-    out = experts.forward_grouped(x, ti, ei_kept, counts)  # [A_kept, out]
-    y = x.new_zeros(x.shape[0], experts.out_dim)
-    y = y.index_add(0, ti, out * w.unsqueeze(-1).to(out.dtype))
+    unsort = None
+    if per_token is not None and capacity is None:
+        if num_assign != x.shape[0] * per_token:
+            raise ValueError(f"dispatch(per_token={per_token}) needs {x.shape[0] * per_token} assignments "
+                             f"for {x.shape[0]} tokens, got {num_assign}")
+        unsort = torch.empty_like(order).index_copy_(0, order, torch.arange(num_assign, device=x.device))
+    y = experts.combine_sorted(x, ti, ei_kept, counts, w, unsort)  # [N, out]
     if capacity is None:
         return y, kept_sorted
     # map "kept" back to the caller's assignment order

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import SortedExperts, can_fuse, expert_params
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
@@ -72,6 +74,30 @@ class BatchedExperts(nn.Module):
     #: size (fwd+bwd, d=256, h=1024, E=8, k=2: 1.26/1.01/1.30x dense vs 1.21/0.87/1.16x at
     #: 1k/8k/32k tokens); set e.g. 1.25 to try it where one batched GEMM pays (accelerators).
     pad_limit: float = 0.0
+
+    #: run sorted tokens through :class:`zoo.moe.fused.SortedExperts` (one autograd node with
+    #: explicit GEMMs into shared buffers) where the expert type allows; False forces the
+    #: autograd version (same values; needed only for double backward)
+    fused: bool = True
+
+    def combine_sorted(self, x: torch.Tensor, rows: torch.Tensor, expert_index: torch.Tensor,
+                       counts: torch.Tensor, gate: torch.Tensor, unsort: torch.Tensor | None = None) -> torch.Tensor:
+        """``y[t] = sum_a gate[a] * expert[e_a](x[t])`` over assignments a with ``rows[a] = t``.
+
+        x: [N, dim]; rows, expert_index, gate: [A], sorted by expert; counts: [E] -> y [N, out].
+        ``unsort`` [A] (optional): when each token has exactly A/N assignments, the sorted
+        position of each assignment in token-major order; the sum is then a gather instead
+        of a scatter-add.
+        """
+        kind = can_fuse(self, x)
+        if kind is not None:
+            return SortedExperts.apply(x, rows, gate, x.shape[0], unsort, counts.tolist(), kind,
+                                       *expert_params(self, kind))
+        out = self.forward_grouped(x, rows, expert_index, counts)
+        out = out * gate.unsqueeze(-1).to(out.dtype)
+        if unsort is not None:
+            return out.index_select(0, unsort).view(x.shape[0], -1, out.shape[-1]).sum(1)
+        return x.new_zeros(x.shape[0], self.out_dim).index_add(0, rows, out)
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # defined by every subclass
         raise TypeError(f"{type(self).__name__} must define forward_expert(e, x) and forward_batched(x)")
@@ -141,6 +167,9 @@ class MLPExperts(BatchedExperts):
     def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
         """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        kind = can_fuse(self, x_sorted)
+        if kind is not None:
+            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, *expert_params(self, kind))
         # unbind once: one backward node stacks the per-expert grads, instead of E select-backwards
         # that each materialise a zero tensor of the full [E, ...] weight
         w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
@@ -181,6 +210,14 @@ class SwiGLUExperts(BatchedExperts):
         """Expert ``e`` on tokens x [n, dim] -> [n, out]."""
         h = torch.addmm(self.b1[e], x, self.w1[e]) * F.silu(torch.addmm(self.b3[e], x, self.w3[e]))
         return torch.addmm(self.b2[e], h, self.w2[e])
+
+    def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+        """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
+        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        kind = can_fuse(self, x_sorted)
+        if kind is not None:
+            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, *expert_params(self, kind))
+        return super().forward_sorted(x_sorted, counts)
 
     def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         """Buckets x [E, C, dim] -> [E, C, out]."""

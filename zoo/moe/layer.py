@@ -168,7 +168,7 @@ class MoE(RoutedModule):
             token_index = indices.reshape(-1)
             expert_index = torch.arange(self.num_experts, device=xf.device).repeat_interleave(c)
             flat_w = weights.reshape(-1)
-            priority, k_idx = None, None
+            priority, k_idx, kk = None, None, None
         else:  # token choice: indices [N, k]
             kk = indices.shape[1]
             token_index = torch.arange(n, device=xf.device).repeat_interleave(kk)
@@ -193,7 +193,9 @@ class MoE(RoutedModule):
             y = expert_parallel_dispatch(xf, a_tok, a_exp, a_w, self.experts, self.num_experts, self.ep_group)
             kept_active = torch.ones(a_tok.numel(), dtype=torch.bool, device=xf.device)
         else:
-            y, kept_active = dispatch(xf, a_tok, a_exp, a_w, self.experts, capacity=self.capacity(n), priority=a_pri)
+            per_token = kk if self.kind == "token" and not sparse_slots else None
+            y, kept_active = dispatch(xf, a_tok, a_exp, a_w, self.experts, capacity=self.capacity(n),
+                                      priority=a_pri, per_token=per_token)
         if active is None:
             kept = kept_active
         else:

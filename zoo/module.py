@@ -289,6 +289,67 @@ class ZooModule(L.LightningModule):
                   f"({len(names)} expert tensors excluded from DDP's all-reduce)"
                   + "".join(f"; {k} stays replicated: {v}" for k, v in kept.items()))
 
+    # ------------------------------------------------------------------ manual optimisation
+    def local_backward(self, loss: torch.Tensor) -> None:
+        """``manual_backward`` with DDP's gradient reducer switched off.
+
+        DDP's reducer expects one backward pass per forward, reaching every parameter. Manual
+        training steps with several backward passes, each through a different part of the
+        model, break that: AdvMoE's expert step and router step, M3ViT's one task at a time,
+        SAC's critic, actor and temperature. Such steps call this, then :meth:`sync_gradients`
+        (or do both with :meth:`manual_step`). In a single process it is ``manual_backward``."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            with self.trainer.strategy.block_backward_sync():
+                self.manual_backward(loss)
+        else:
+            self.manual_backward(loss)
+
+    def sync_gradients(self, optimizer) -> None:
+        """Average the gradients of ``optimizer``'s parameters over the ranks in one all-reduce.
+
+        A parameter without a gradient on some rank counts as zero there, as in DDP. It keeps
+        ``grad=None`` only when no rank has a gradient for it, so frozen parts stay untouched
+        by the step. Expert shards of expert parallelism are skipped: they are not replicas,
+        and their gradient already carries the 1/W factor. Buffers (BatchNorm statistics) are
+        then set to rank 0's, which is what DDP does before every forward and what the
+        checkpoint, written by rank 0, holds."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return
+        for buf in self.buffers():
+            torch.distributed.broadcast(buf, src=0)
+        shards = {id(p) for n, p in self.named_parameters() if n in set(parallel.expert_param_names(self))}
+        params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in shards]
+        if not params:
+            return
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        torch.distributed.all_reduce(present)
+        flat /= self.trainer.world_size
+        for p, g, n in zip(params, flat.split([q.numel() for q in params]), present.tolist()):
+            p.grad = g.view_as(p).clone() if n > 0 else None
+
+    def manual_step(self, loss: torch.Tensor, optimizer, max_grad_norm: float | None = None) -> None:
+        """One manual optimiser step that is also correct under DDP: ``zero_grad``,
+        :meth:`local_backward`, :meth:`sync_gradients`, optional grad-norm clip, ``step``."""
+        optimizer.zero_grad()
+        self.local_backward(loss)
+        self.sync_gradients(optimizer)
+        if max_grad_norm is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+
+    def all_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [n, ...] of every rank concatenated along dim 0 (``x`` itself in one process),
+        for statistics that must agree over the ranks (e.g. running normalisers)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world <= 1:
+            return x
+        out = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint):
         checkpoint["zoo_rng"] = _get_rng_state()

@@ -178,7 +178,10 @@ class MultiTaskViTModule(ZooModule):
             return self.with_aux(self._weighted(losses))
         opt = self.optimizers()
         opt.zero_grad()
-        losses, aux_total = self.one_by_one_backward(batch, self.manual_backward)
+        # one backward per task: DDP's reducer (one backward per forward) is bypassed and the
+        # accumulated gradients are averaged over the ranks once, before the step
+        losses, aux_total = self.one_by_one_backward(batch, self.local_backward)
+        self.sync_gradients(opt)
         opt.step()
         for t, v in losses.items():
             self.log(f"train/loss_{t}", v, batch_size=bs)

@@ -113,42 +113,6 @@ class RLModule(ZooModule):
         super().on_train_epoch_start()
         self._obs = None  # every epoch starts its training envs from a reset seeded by the epoch
 
-    # ---- one optimiser step (single process or data-parallel) ------------------------------------
-    def optimizer_step(self, loss: torch.Tensor, optimizer, max_grad_norm: float | None = None) -> None:
-        """zero_grad, ``manual_backward``, optional grad-norm clip, step.
-
-        Under a multi-process strategy (``--trainer.strategy ddp``) the gradients of this
-        optimiser's parameters are averaged over the ranks here, with DDP's own reducer
-        blocked: SAC makes several backward passes per ``training_step``, each through a
-        different subset of parameters (critics, actor, temperature), which DDP's reducer (one
-        backward over all parameters per forward) rejects."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        optimizer.zero_grad()
-        if self.trainer.world_size > 1:
-            with self.trainer.strategy.block_backward_sync():
-                self.manual_backward(loss)
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            torch.distributed.all_reduce(flat)
-            flat /= self.trainer.world_size
-            for p, g in zip(params, flat.split([q.numel() for q in params])):
-                p.grad = g.view_as(p).clone()
-        else:
-            self.manual_backward(loss)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-
-    def all_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [n, ...] of every rank concatenated along dim 0 ([W n, ...]; ``x`` in a single
-        process), for statistics that must agree over ranks (PPO's running normalisers)."""
-        world = self.trainer.world_size
-        if world <= 1:
-            return x
-        out = [torch.empty_like(x) for _ in range(world)]
-        torch.distributed.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
     # ---- training-environment helpers ----------------------------------------------------------
     def reset_train_env(self) -> np.ndarray:
         """Reset every training env with a seed derived from (data.seed, rank, epoch, env index)."""

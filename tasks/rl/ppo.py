@@ -250,7 +250,7 @@ class PPOModule(RLModule):
                     mix_loss = self.mixing_loss(obs_n, mean, log_std, logits)
                     loss = loss + q_loss + hp.mix_weight * mix_loss
                 moe_aux = aux_loss(self.model)  # zero for PMOE (no balance loss)
-                self.optimizer_step(loss + moe_aux, opt, max_grad_norm=hp.max_grad_norm)
+                self.manual_step(loss + moe_aux, opt, max_grad_norm=hp.max_grad_norm)
             if hp.target_kl is not None and approx_kl > hp.target_kl:
                 break
         self.iterations += 1

@@ -124,7 +124,7 @@ class SACModule(RLModule):
             target = rewards + hp.gamma * (1 - terminated) * (q_next - alpha * next_log_pi)  # [B]
         q1, q2 = self.qf1(obs, actions), self.qf2(obs, actions)
         qf_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        self.optimizer_step(qf_loss, q_opt)
+        self.manual_step(qf_loss, q_opt)
         logs = {"train/qf_loss": qf_loss.detach(), "train/q1": q1.detach().mean()}
 
         if self.updates % hp.policy_frequency == 0:
@@ -136,10 +136,10 @@ class SACModule(RLModule):
                 if hp.head == "mixture":
                     actor_loss = actor_loss + hp.mix_weight * est.mix_loss
                 moe_aux = aux_loss(self.model)  # zero for PMOE (no balance loss), kept for routers that add one
-                self.optimizer_step(actor_loss + moe_aux, actor_opt)
+                self.manual_step(actor_loss + moe_aux, actor_opt)
                 if hp.autotune:
                     alpha_loss = (-self.log_alpha.exp() * (est.log_prob.detach() + self.target_entropy)).mean()
-                    self.optimizer_step(alpha_loss, alpha_opt)
+                    self.manual_step(alpha_loss, alpha_opt)
                     alpha = self.log_alpha.exp().detach()
             logs.update({"train/actor_loss": actor_loss.detach(), "train/mix_loss": est.mix_loss.detach(),
                          "train/aux_loss": moe_aux.detach(),

@@ -161,10 +161,7 @@ class RobustCNNModule(ZooModule):
         x_adv = self._trades_attack(x, self.hparams.attack_router_weight)
         with frozen(self.model.router_parameters()):
             loss, logits, _, _ = self._trades_loss(x, x_adv, y)
-            total = self.with_aux(loss)
-            optimizer.zero_grad()
-            self.manual_backward(total)
-            optimizer.step()
+            self.manual_step(self.with_aux(loss), optimizer)  # DDP-safe: two backward passes per step
         self.log("train/acc", accuracy(logits, y), prog_bar=True, batch_size=len(y))
         return loss.detach()
 
@@ -178,9 +175,7 @@ class RobustCNNModule(ZooModule):
             kl_r = sum(F.kl_div(a.log_softmax(-1), r.softmax(-1), reduction="batchmean")
                        for r, a in zip(routes_nat, routes_adv))
             loss = h.router_task_weight * task + h.router_alpha * ce_r + h.beta * kl_r
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
+            self.manual_step(loss, optimizer)
         self.log("train/router_loss", loss.detach(), batch_size=len(y))
         self.log("train/router_ce", ce_r.detach(), batch_size=len(y))
         return loss.detach()
@@ -208,10 +203,7 @@ class RobustCNNModule(ZooModule):
             else:  # trades, all parameters jointly
                 x_adv = self._trades_attack(x, 0.0)
                 loss, logits, _, _ = self._trades_loss(x, x_adv, y)
-            total = self.with_aux(loss)
-            opts[0].zero_grad()
-            self.manual_backward(total)
-            opts[0].step()
+            self.manual_step(self.with_aux(loss), opts[0])
             self.log("train/acc", accuracy(logits, y), prog_bar=True, batch_size=len(y))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
 

@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from zoo.module import ZooModule
+from zoo.predict import PredictionWriter
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -131,6 +132,8 @@ class ZooCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor,
                                              mode=getattr(self.model, "monitor_mode", "min"), save_top_k=1,
                                              enable_version_counter=False))
+        if self.zoo_subcommand == "predict":
+            callbacks.append(PredictionWriter(self.run_dir / "predict" / "predictions.pt"))
         config.setdefault("default_root_dir", str(self.run_dir))
         if config.get("logger") in (None, True):
             # fit logs at the run folder's top; validate/test/predict in a subfolder of their own

@@ -269,6 +269,13 @@ class ZooModule(L.LightningModule):
     def on_data(self, datamodule) -> None:
         """Called by the harness once the datamodule is built, before fit/test/flops."""
 
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch, batch_idx):
+        """``zoo predict``: a dict of per-sample outputs (see ``zoo/predict.py``). Every task
+        defines its own; this default says so instead of calling ``forward`` on a raw batch."""
+        raise NotImplementedError(f"{type(self).__name__} defines no predict_step, so `zoo predict` "
+                                  "has nothing to write for this task")
+
     # ------------------------------------------------------------------ expert parallelism
     def configure_model(self) -> None:
         """Split the experts over the ranks once the process group exists (Lightning builds the

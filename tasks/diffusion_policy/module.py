@@ -339,7 +339,9 @@ class DiffusionPolicyModule(ZooModule):
         self._ema_ctx.__enter__()
 
     def predict_step(self, batch, batch_idx):
-        return self(batch["obs"], batch["task"])
+        """The sampled action chunk [B, chunk, act_dim] for each test window (EMA weights),
+        beside the demonstrated one."""
+        return {"action": self(batch["obs"], batch["task"]), "demo_action": batch["action"]}
 
     def on_predict_epoch_end(self):
         self._ema_ctx.__exit__(None, None, None)

@@ -253,6 +253,23 @@ class MultiTaskViTModule(ZooModule):
     def on_validation_epoch_end(self):
         self._log_metrics("val")
 
+    def predict_step(self, batch, batch_idx):
+        """Each task's dense output for the test images: ``semseg`` class map [B, H, W],
+        ``depth`` [B, 1, H, W], ``normals`` unit vectors [B, 3, H, W], ``edge`` probability
+        [B, 1, H, W] (the tasks the model was trained on)."""
+        out = self.model(batch["image"])
+        pred = {}
+        for t, v in out.items():
+            if t == "semseg":
+                pred[t] = v.argmax(1)
+            elif t == "normals":
+                pred[t] = torch.nn.functional.normalize(v, dim=1)
+            elif t == "edge":
+                pred[t] = v.sigmoid()
+            else:
+                pred[t] = v
+        return pred
+
     def test_step(self, batch, batch_idx):
         out = self._eval_step(batch, "test")
         b = batch["image"].shape[0]

@@ -148,15 +148,18 @@ class RLModule(ZooModule):
 
     # ---- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, seeds, keep_states: bool = False):
+    def evaluate(self, seeds, keep_states: bool = False, trace: list | None = None):
         """Play one deterministic episode per seed, all in lockstep (batched policy forward).
 
-        Returns (returns [n], env steps played, visited observations [T, O] or None)."""
+        Returns (returns [n], env steps played, visited observations [T, O] or None). With
+        ``trace`` (a list), each episode's (observations, actions, rewards) are appended to
+        it as arrays [T_i, O], [T_i, A], [T_i], in seed order."""
         dm = self.datamodule
         envs = [dm.make_env() for _ in seeds]
         obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
         returns = np.zeros(len(envs))
         active, played, visited = list(range(len(envs))), 0, []
+        steps = [([], [], []) for _ in envs] if trace is not None else None
         was_training = self.model.training
         self.model.eval()
         while active:
@@ -167,8 +170,13 @@ class RLModule(ZooModule):
             actions = self.model.act(x, deterministic=True)[0].cpu().numpy()
             still = []
             for a, i in zip(actions, active):
+                if steps is not None:
+                    steps[i][0].append(obs[i])
+                    steps[i][1].append(a)
                 obs[i], r, term, trunc, _ = envs[i].step(a)
                 returns[i] += r
+                if steps is not None:
+                    steps[i][2].append(r)
                 played += 1
                 if not (term or trunc):
                     still.append(i)
@@ -176,6 +184,9 @@ class RLModule(ZooModule):
         for env in envs:
             env.close()
         self.model.train(was_training)
+        if steps is not None:
+            trace += [(np.stack(o).astype(np.float32), np.stack(a).astype(np.float32),
+                       np.asarray(r, dtype=np.float32)) for o, a, r in steps]
         return returns, played, (np.concatenate(visited) if keep_states else None)
 
     def _add_curve_point(self, mean: float) -> None:
@@ -205,6 +216,16 @@ class RLModule(ZooModule):
         self.log("val/return_mean", mean, batch_size=len(batch))
         self.log("val/return_std", std, batch_size=len(batch))
         self.log("val/env_steps", float(self.env_steps), batch_size=len(batch))
+
+    def predict_step(self, batch, batch_idx):
+        """One deterministic episode per seed of the test split: the seed, the return, and the
+        episode itself (observations [T, O], actions [T, A], rewards [T] per episode)."""
+        trace = []
+        returns, _, _ = self.evaluate(batch.tolist(), trace=trace)
+        return {"seed": batch, "return": torch.as_tensor(returns, dtype=torch.float32),
+                "obs": [torch.from_numpy(o) for o, _, _ in trace],
+                "action": [torch.from_numpy(a) for _, a, _ in trace],
+                "reward": [torch.from_numpy(r) for _, _, r in trace]}
 
     def test_step(self, batch, batch_idx):
         t0 = time.perf_counter()

@@ -206,3 +206,7 @@ class RLDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         seeds = [self.seed + TEST_SEED_OFFSET + i for i in range(self.hparams.test_episodes)]
         return DataLoader(EpisodeSeeds(seeds), batch_size=None, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """`zoo predict` plays the test episodes (same seeds) and saves them."""
+        return self.test_dataloader()

@@ -180,6 +180,12 @@ class RobustCNNModule(ZooModule):
         self.log("train/router_ce", ce_r.detach(), batch_size=len(y))
         return loss.detach()
 
+    def predict_step(self, batch, batch_idx):
+        """Class, class probabilities and label of each test image (clean inputs)."""
+        x, y = batch
+        prob = self(x).softmax(-1)
+        return {"pred": prob.argmax(-1), "prob": prob, "label": y}
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         h = self.hparams

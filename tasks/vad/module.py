@@ -25,6 +25,7 @@ import torch
 
 from zoo.module import ZooModule
 
+from .data import FRAMES_PER_SNIPPET
 from .losses import TGSConfig, mil_loss, tgs_loss
 from .metrics import FrameVADMetrics
 from .model import GSMoE, VARIANTS
@@ -285,6 +286,17 @@ class VADModule(ZooModule):
         super().on_test_epoch_start()
         self._curves, self._usage = [], {}
         self._metric("test").reset()
+
+    def predict_step(self, batch, batch_idx):
+        """Per test video (one per batch): its index in the test list, anomaly probability per
+        snippet [T] and per frame [16 T] (a snippet's score on each of its frames), and, with
+        class experts, each expert's probability per snippet [T, E]."""
+        parts = self.model.forward_parts(batch["features"])
+        pred = {"index": batch["index"], "snippet_scores": list(parts["final"]),
+                "frame_scores": [p.repeat_interleave(FRAMES_PER_SNIPPET) for p in parts["final"]]}
+        if "experts" in parts:
+            pred["expert_scores"] = list(parts["experts"])
+        return pred
 
     def test_step(self, batch, batch_idx):
         parts = self._eval_step(batch, "test")

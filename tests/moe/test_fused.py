@@ -124,3 +124,15 @@ def test_double_backward_needs_the_autograd_version():
     g, = torch.autograd.grad(fused(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
         g.sum().backward()
+
+
+def test_fused_backward_twice_with_retain_graph():
+    fused, plain = _pair(num_experts=4, k=2)
+    x = torch.randn(9, 16)
+    y1, y2 = fused(x).pow(2).sum(), plain(x).pow(2).sum()
+    y1.backward(retain_graph=True)
+    y1.backward()  # the saved activations survive a retained graph
+    y2.backward(retain_graph=True)
+    y2.backward()
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)

@@ -51,6 +51,15 @@ def _combine(rows_out: torch.Tensor, rows: torch.Tensor, unsort: torch.Tensor | 
     return rows_out.new_zeros(num_out, rows_out.shape[-1]).index_add_(0, rows, rows_out)
 
 
+def _graph_kept() -> bool:
+    """Whether this backward keeps the graph (``retain_graph=True``): then nothing saved may be
+    freed, since a second backward will need it. Unknown (older torch) counts as kept."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def _grads_like(params, full: bool):
     # an expert without rows gets an exact zero gradient; otherwise every slot is overwritten
     make = torch.empty_like if full else torch.zeros_like
@@ -93,35 +102,46 @@ class SortedExperts(torch.autograd.Function):
                 hidden.append((pre, h))
             torch.addmm(b2[e], h, w2[e], out=out[lo:hi])
         ctx.spans, ctx.kind, ctx.num_rows, ctx.combined = spans, kind, x.shape[0], gate is not None
-        ctx.num_experts, ctx.hidden = params[0].shape[0], hidden
+        # intermediates live on ctx (not save_for_backward) so backward can drop each one as
+        # soon as it is used, as autograd frees a node's saved tensors: one expert's hidden
+        # activations at a time instead of all of them until the end
+        ctx.num_experts, ctx.hidden, ctx.gathered = params[0].shape[0], hidden, xs if rows is not None else None
         if gate is None:
-            ctx.save_for_backward(rows, None, None, xs, None, *params)
+            ctx.out = None
+            ctx.save_for_backward(rows, None, x if rows is None else None, None, *params)
             return out
         g = gate.to(out.dtype).unsqueeze(-1)
         # the unweighted outputs are kept only when the gate needs a gradient
-        keep = out if ctx.needs_input_grad[2] else None
-        weighted = out * g if keep is not None else out.mul_(g)
+        ctx.out = out if ctx.needs_input_grad[2] else None
+        weighted = out * g if ctx.out is not None else out.mul_(g)
         y = _combine(weighted, rows, unsort, num_out)
-        ctx.save_for_backward(rows, gate, keep, xs, unsort, *params)
+        ctx.save_for_backward(rows, gate, x if rows is None else None, unsort, *params)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        rows, gate, out, xs, unsort, *params = ctx.saved_tensors
+        rows, gate, x, unsort, *params = ctx.saved_tensors
+        xs = x if rows is None else ctx.gathered
         spans, kind, hidden = ctx.spans, ctx.kind, ctx.hidden
+        free = not _graph_kept()
         grad_gate = None
         if ctx.combined:
             g_out = grad_y.index_select(0, rows)  # [A, out]
-            if out is not None:
-                grad_gate = torch.linalg.vecdot(g_out, out).to(gate.dtype)
+            if ctx.out is not None:
+                grad_gate = torch.linalg.vecdot(g_out, ctx.out).to(gate.dtype)
+                if free:
+                    ctx.out = None
             g_out.mul_(gate.to(g_out.dtype).unsqueeze(-1))
         else:
             g_out = grad_y.contiguous()
         need_x = ctx.needs_input_grad[0]
         grads = _grads_like(params, len(spans) == ctx.num_experts)
         gxs = torch.empty_like(xs) if need_x else None
-        for (e, lo, hi), saved in zip(spans, hidden):
+        for j, (e, lo, hi) in enumerate(spans):
+            saved = hidden[j]
+            if free:
+                hidden[j] = None
             ge, xe = g_out[lo:hi], xs[lo:hi]
             h = saved[-1]
             gw2, gb2 = grads[-2:]
@@ -144,7 +164,9 @@ class SortedExperts(torch.autograd.Function):
                         torch.mm(gp, params[i][e].t(), out=gxs[lo:hi])
                     else:
                         gxs[lo:hi].addmm_(gp, params[i][e].t())
-        ctx.hidden = None
+            del saved, h, gh, pairs
+        if free:
+            ctx.hidden = ctx.gathered = None
         grad_x = None
         if need_x:
             grad_x = gxs if rows is None else _combine(gxs, rows, unsort, ctx.num_rows)

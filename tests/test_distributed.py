@@ -8,17 +8,25 @@ module) is trained:
   - the distributed checkpoint (experts gathered from both ranks, Adam moments included) loads
     in one process and in a 2-rank run (experts sliced again) and gives the same test loss;
   - a 2-rank run stopped after one epoch and resumed from last.ckpt ends where the
-    uninterrupted 2-rank run ends.
+    uninterrupted 2-rank run ends (the 2-rank run of the first item).
+
+2-rank runs are ``python -m zoo.cli`` subprocesses (Lightning starts the second rank by running
+the same command again); one-process runs call ``zoo.cli.main`` in this process. All runs happen
+in one module fixture, in two waves: a launch imports and parses in its first rank before it
+starts the second, so one launch alone leaves a core idle, and independent launches overlap.
 """
 import csv
 import os
 import subprocess
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+
+from zoo.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,21 +103,94 @@ DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.use_distribut
        "--expert_parallel=true", "--data.init_args.batch_size=8"]
 
 
+DP_CONFIG = ROOT / "configs/diffusion_policy/moe.yaml"
+DP_TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+LAUNCHED: list[subprocess.Popen] = []
+
+
+def launch(args, cwd: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": f"{cwd}{os.pathsep}{ROOT}",
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    LAUNCHED.append(proc)
+    return proc
+
+
+def finish(procs: dict, results: dict) -> None:
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        results[name] = (proc.returncode, out)
+
+
+def here(args, results: dict, name: str) -> None:
+    """One-process run through ``zoo.cli.main`` (one intra-op thread, as the subprocesses)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main([str(a) for a in args])
+        results[name] = (rc, "" if rc == 0 else f"zoo.cli.main returned {rc}")
+    except Exception:  # noqa: BLE001  reported by the test that needs this run
+        results[name] = (1, traceback.format_exc())
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def runs(tmp_path_factory, restore_torch_globals, free_ports):
     d = tmp_path_factory.mktemp("ddp")
     (d / "ddp_toy.py").write_text(TOY)
     (d / "toy.yaml").write_text(CONFIG)
-    return d
+    toy = ["--config", d / "toy.yaml"]
+    results: dict[str, tuple[int, str]] = {}
+    sys.path.insert(0, str(d))  # the one-process runs import ddp_toy as the subprocesses do (PYTHONPATH)
+    try:
+        # wave 1: three 2-rank fits side by side; the one-process fit in the meantime
+        ports = free_ports(3)
+        procs = {"ddp": launch(["fit", *toy, *DDP, "--run_dir", d / "ddp"], d, ports[0]),
+                 "ddp_first_part": launch(["fit", *toy, *DDP, "--trainer.max_epochs=1", "--run_dir", d / "ddp_resumed"],
+                                          d, ports[1]),
+                 "dp": launch(["fit", "--config", DP_CONFIG, *DP_TINY, "--trainer.strategy=ddp", "--trainer.devices=2",
+                               "--expert_parallel=true", "--run_dir", d / "dp"], d, ports[2])}
+        here(["fit", *toy, "--run_dir", d / "single"], results, "single")
+        finish(procs, results)
+        ok = lambda name: results[name][0] == 0  # noqa: E731
+        # wave 2: what reads the first wave's checkpoints
+        ports = free_ports(2)
+        procs = {}
+        if ok("ddp"):
+            procs["ddp_test"] = launch(["test", *toy, *DDP, "--run_dir", d / "ddp_test", "--ckpt_path",
+                                        d / "ddp" / "checkpoints" / "last.ckpt"], d, ports[0])
+        if ok("ddp_first_part"):
+            procs["ddp_resume"] = launch(["fit", *toy, *DDP, "--run_dir", d / "ddp_resumed", "--ckpt_path", "last"],
+                                         d, ports[1])
+        if ok("ddp"):
+            here(["test", *toy, "--run_dir", d / "ddp", "--ckpt_path", "last"], results, "ddp_test_one_process")
+        if ok("dp"):
+            here(["test", "--config", DP_CONFIG, "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false",
+                  "--run_dir", d / "dp", "--ckpt_path", "last"], results, "dp_test_one_process")
+        finish(procs, results)
+    finally:
+        sys.path.remove(str(d))
+        sys.modules.pop("ddp_toy", None)
+        for proc in LAUNCHED:  # after an error above: leave nothing running
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return d, results
 
 
-def zoo(*args, cwd):
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": f"{cwd}{os.pathsep}{ROOT}",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "zoo.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+def output(runs, *names: str) -> str:
+    """The named runs' output; each must have exited 0."""
+    _, results = runs
+    for name in names:
+        assert name in results, f"{name} did not run: {[(k, v[0]) for k, v in results.items()]}"
+        rc, out = results[name]
+        assert rc == 0, f"{name} exited {rc}: {out[-3000:]}"
+    return results[names[0]][1]
 
 
 def state(run: Path) -> dict:
@@ -120,10 +201,10 @@ def column(path: Path, key: str) -> list[float]:
     return [float(r[key]) for r in csv.DictReader(open(path)) if r.get(key)]
 
 
-def test_ddp_expert_parallel_matches_one_process_and_checkpoints_travel(workdir):
+def test_ddp_expert_parallel_matches_one_process_and_checkpoints_travel(runs):
+    workdir = runs[0]
     single, ddp = workdir / "single", workdir / "ddp"
-    zoo("fit", "--config", "toy.yaml", "--run_dir", single, cwd=workdir)
-    out = zoo("fit", "--config", "toy.yaml", *DDP, "--run_dir", ddp, cwd=workdir)
+    out = output(runs, "ddp", "single")
     assert "1 MoE layer(s) split over 2 ranks (4 expert tensors excluded" in out, out[-2000:]
 
     a, b = state(single), state(ddp)
@@ -146,43 +227,35 @@ def test_ddp_expert_parallel_matches_one_process_and_checkpoints_travel(workdir)
     assert vb == pytest.approx(va, rel=1e-4)
 
     # the distributed checkpoint in one process, and sliced back onto 2 ranks: same test loss
-    zoo("test", "--config", "toy.yaml", "--run_dir", ddp, "--ckpt_path", "last", cwd=workdir)
+    output(runs, "ddp_test_one_process", "ddp_test")
     one = column(ddp / "test" / "metrics.csv", "test/loss")
-    zoo("test", "--config", "toy.yaml", *DDP, "--run_dir", workdir / "ddp_test",
-        "--ckpt_path", ddp / "checkpoints" / "last.ckpt", cwd=workdir)
     two = column(workdir / "ddp_test" / "test" / "metrics.csv", "test/loss")
     assert len(one) == len(two) == 1
     assert two[0] == pytest.approx(one[0], rel=1e-5)
     assert one[0] == pytest.approx(va[-1], rel=1e-4)  # val and test read the same data here
 
 
-def test_ddp_expert_parallel_resume_is_exact(workdir):
-    straight, resumed = workdir / "ddp_straight", workdir / "ddp_resumed"
-    zoo("fit", "--config", "toy.yaml", *DDP, "--run_dir", straight, cwd=workdir)
-    zoo("fit", "--config", "toy.yaml", *DDP, "--trainer.max_epochs=1", "--run_dir", resumed, cwd=workdir)
-    zoo("fit", "--config", "toy.yaml", *DDP, "--run_dir", resumed, "--ckpt_path", "last", cwd=workdir)
+def test_ddp_expert_parallel_resume_is_exact(runs):
+    workdir = runs[0]
+    straight, resumed = workdir / "ddp", workdir / "ddp_resumed"  # straight: the uninterrupted 2-epoch run above
+    output(runs, "ddp", "ddp_first_part", "ddp_resume")
     a, b = state(straight), state(resumed)
+    assert {r["epoch"] for r in csv.DictReader(open(resumed / "metrics.csv")) if r["epoch"]} == {"0", "1"}
     assert b["epoch"] == a["epoch"] and b["global_step"] == a["global_step"] == 12
     for k in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], atol=1e-6, rtol=1e-6, msg=k)
 
 
-def test_a_task_trains_on_two_ranks_with_split_experts_and_its_checkpoint_tests_in_one(tmp_path):
+def test_a_task_trains_on_two_ranks_with_split_experts_and_its_checkpoint_tests_in_one(runs):
     """diffusion_policy: SwiGLU experts split over 2 ranks, EMA weights and expert caching; the
     checkpoint (experts and their EMA copy gathered) is tested in a single process."""
-    cfg = ROOT / "configs/diffusion_policy/moe.yaml"
-    tiny = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    run = tmp_path / "dp"
-    out = zoo("fit", "--config", cfg, *tiny, "--trainer.strategy=ddp", "--trainer.devices=2",
-              "--expert_parallel=true", "--run_dir", run, cwd=tmp_path)
+    run = runs[0] / "dp"
+    out = output(runs, "dp", "dp_test_one_process")
     assert "MoE layer(s) split over 2 ranks" in out, out[-2000:]
     ckpt = state(run)
     experts = [k for k in ckpt["state_dict"] if k.endswith("ffn.experts.w1")]
     assert experts and all(ckpt["state_dict"][k].shape[0] == 4 for k in experts)
     assert all(ckpt["ema_state"][k.removeprefix("model.")].shape[0] == 4 for k in experts)
-    zoo("test", "--config", cfg, "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false",
-        "--run_dir", run, "--ckpt_path", "last", cwd=tmp_path)
     metrics = {k: float(v) for row in csv.DictReader(open(run / "test" / "metrics.csv")) for k, v in row.items()
                if k.startswith("test/") and v}
     # the deployed sampler (expert cache built from the gathered experts) predicts actions

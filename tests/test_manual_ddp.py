@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,43 +32,65 @@ class RankDump(L.Callback):
 '''
 
 
-def fit_two_ranks(tmp_path: Path, config: str, *args: str) -> tuple[dict, dict]:
-    (tmp_path / "rank_dump.py").write_text(CALLBACK)
-    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+ADVMOE = ("robust_cnn/moe_advmoe.yaml", [
+    "--data.init_args.dataset=digits", "--data.init_args.builtin_size=null", "--data.init_args.max_train=96",
+    "--data.init_args.max_eval=32", "--data.init_args.batch_size=32", "--model.init_args.width=4",
+    "--model.init_args.val_steps=1"])
+M3VIT = ("multitask_vit/moe_one_by_one.yaml", [
+    "--expert_parallel=true", "--data.init_args.num_train=32", "--data.init_args.num_val=8",
+    "--data.init_args.num_test=8", "--data.init_args.batch_size=8", "--data.init_args.img_size=16",
+    "--model.init_args.img_size=16", "--model.init_args.dim=16", "--model.init_args.depth=2",
+    "--model.init_args.num_heads=2", "--model.init_args.num_experts=4", "--model.init_args.task_dim=4",
+    "--model.init_args.decoder_channels=4"])
+
+
+def start_two_ranks(d: Path, config: str, args: list[str], port: int) -> subprocess.Popen:
+    d.mkdir(parents=True)
+    (d / "rank_dump.py").write_text(CALLBACK)
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port),
+           "PYTHONPATH": f"{d}{os.pathsep}{ROOT}"}
     cmd = [sys.executable, "-m", "zoo.cli", "fit", "--config", str(CONFIGS / config), *args, *DDP,
-           "--run_dir", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+           "--run_dir", str(d / "run")]
+    return subprocess.Popen(cmd, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_advmoe_two_ranks_stay_identical(tmp_path):
-    a, b = fit_two_ranks(tmp_path, "robust_cnn/moe_advmoe.yaml",
-                         "--data.init_args.dataset=digits", "--data.init_args.builtin_size=null",
-                         "--data.init_args.max_train=96", "--data.init_args.max_eval=32",
-                         "--data.init_args.batch_size=32", "--model.init_args.width=4",
-                         "--model.init_args.val_steps=1")
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, free_ports):
+    """Both 2-rank fits side by side (a launch imports and parses in its first rank before it
+    starts the second, so one launch alone leaves a core idle): name -> (folder, exit code, output)."""
+    base = tmp_path_factory.mktemp("manual_ddp")
+    ports = free_ports(2)
+    procs = {name: (base / name, start_two_ranks(base / name, config, args, port))
+             for (name, (config, args)), port in zip({"advmoe": ADVMOE, "m3vit": M3VIT}.items(), ports)}
+    results = {}
+    for name, (d, proc) in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        results[name] = (d, proc.returncode, out)
+    return results
+
+
+def fit_two_ranks(runs, name: str) -> tuple[Path, dict, dict]:
+    d, rc, out = runs[name]
+    assert rc == 0, out[-6000:]
+    return d, *(torch.load(d / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+def test_advmoe_two_ranks_stay_identical(runs):
+    d, a, b = fit_two_ranks(runs, "advmoe")
+    saved = torch.load(d / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert set(a) == set(b) == set(saved) and any(k.startswith("model.router.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k  # weights and BatchNorm statistics: rank 0's everywhere
         assert torch.equal(a[k], saved[k]), k  # and the checkpoint holds exactly that state
 
 
-def test_m3vit_one_by_one_two_ranks_expert_parallel(tmp_path):
-    a, b = fit_two_ranks(tmp_path, "multitask_vit/moe_one_by_one.yaml", "--expert_parallel=true",
-                         "--data.init_args.num_train=32", "--data.init_args.num_val=8",
-                         "--data.init_args.num_test=8", "--data.init_args.batch_size=8",
-                         "--data.init_args.img_size=16", "--model.init_args.img_size=16",
-                         "--model.init_args.dim=16", "--model.init_args.depth=2",
-                         "--model.init_args.num_heads=2", "--model.init_args.num_experts=4",
-                         "--model.init_args.task_dim=4", "--model.init_args.decoder_channels=4")
+def test_m3vit_one_by_one_two_ranks_expert_parallel(runs):
+    d, a, b = fit_two_ranks(runs, "m3vit")
     experts = {k for k in a if ".mlp.experts." in k}
     assert experts and all(a[k].shape[0] == 2 for k in experts)  # 4 experts split 2 + 2
     assert all(not torch.equal(a[k], b[k]) for k in experts)  # each rank trains its own shard
     for k in set(a) - experts:
         assert torch.equal(a[k], b[k]), k  # everything else is an identical replica
-    whole = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    whole = torch.load(d / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for k in experts:  # the checkpoint holds both shards, rank 0's first
         torch.testing.assert_close(whole[k], torch.cat([a[k], b[k]]), rtol=0, atol=0)

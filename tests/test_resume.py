@@ -16,7 +16,8 @@ an interrupted one. Final weights are read from the run folder's ``last.ckpt`` (
 epoch, whatever the monitored metric did).
 
 The straight runs and the first parts run in this process through ``zoo.cli.main`` (one
-Lightning import); the resumes run as ``python -m zoo.cli`` subprocesses, in parallel. Every run
+Lightning import); the resumes run as ``python -m zoo.cli`` subprocesses, each started as soon
+as its first part has finished, so it runs beside the next task's in-process runs. Every run
 uses one intra-op thread so the in-process and subprocess runs sum in the same order.
 
 rl tests its own resume (replay buffer and environment state) in tests/tasks/test_rl.py.
@@ -83,6 +84,8 @@ def fit_args(task: str, run: Path) -> list[str]:
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
     errors: dict[str, str] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    procs = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -91,17 +94,17 @@ def runs(tmp_path_factory):
                 rc = main(fit_args(task, run) + extra)
                 if rc != 0:
                     errors[task] = f"{run.name} run exited {rc}"
+            if task not in errors:  # its resume runs on the other core while the next task's runs go on here
+                procs[task] = subprocess.Popen([sys.executable, "-m", "zoo.cli",
+                                                *fit_args(task, base / task / "resumed"), "--ckpt_path", "last"],
+                                               cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               text=True)
     finally:
         torch.set_num_threads(threads)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    procs = {task: subprocess.Popen([sys.executable, "-m", "zoo.cli",
-                                     *fit_args(task, base / task / "resumed"), "--ckpt_path", "last"],
-                                    cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for task in TASKS if task not in errors}
-    for task, proc in procs.items():
-        out, _ = proc.communicate(timeout=600)
-        if proc.returncode != 0:
-            errors[task] = f"resume exited {proc.returncode}: {out[-3000:]}"
+        for task, proc in procs.items():
+            out, _ = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                errors[task] = f"resume exited {proc.returncode}: {out[-3000:]}"
     return base, errors
 
 

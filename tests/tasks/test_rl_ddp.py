@@ -25,19 +25,27 @@ ARGS = ["--data.init_args.steps_per_epoch=40", "--data.init_args.steps_per_batch
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
 
 
-def fit(run_dir: Path, epochs: int, *extra: str) -> None:
-    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+def launch(run_dir: Path, port: int, epochs: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
     cmd = [sys.executable, "-m", "zoo.cli", "fit", "--config", str(CONFIG), *ARGS,
            f"--trainer.max_epochs={epochs}", "--run_dir", str(run_dir), *extra]
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
-def test_sac_ddp_resume_restores_every_ranks_buffer(tmp_path):
+def wait(*procs: subprocess.Popen) -> None:
+    outs = [(p, p.communicate(timeout=600)[0]) for p in procs]
+    for p, out in outs:
+        assert p.returncode == 0, out[-6000:]
+
+
+def test_sac_ddp_resume_restores_every_ranks_buffer(tmp_path, free_ports):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    fit(straight, 2)
-    fit(resumed, 1)
-    fit(resumed, 2, "--ckpt_path", "last")
+    ports = free_ports(3)
+    # the uninterrupted run and the first part side by side: a launch imports and parses in its
+    # first rank before it starts the second, so one launch alone leaves a core idle
+    wait(launch(straight, ports[0], 2), launch(resumed, ports[1], 1))
+    wait(launch(resumed, ports[2], 2, "--ckpt_path", "last"))
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     ranks = a["rl_state"]["ranks"]

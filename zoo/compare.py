@@ -81,7 +81,9 @@ def summarise(results: dict[str, list[dict]]) -> tuple[dict, list[str]]:
     return table, metric_names
 
 
-def write_outputs(results: dict[str, list[dict]], out: Path, seeds: int, command: str) -> dict:
+def write_outputs(results: dict[str, list[dict]], out: Path, seeds: int, command: str,
+                  plot: bool = True) -> dict:
+    """compare.csv and compare.md (and, with ``plot``, compare.png) from the runs so far."""
     table, metric_names = summarise(results)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as f:
@@ -106,8 +108,9 @@ def write_outputs(results: dict[str, list[dict]], out: Path, seeds: int, command
                 cells.append(_fmt(mean, std))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
-    plot_table = {label: {c: row[c] for c in cols} for label, row in table.items()}
-    plots.compare_bars(plot_table, out / "compare.png", title=f"zoo compare over {seeds} seeds")
+    if plot:
+        plot_table = {label: {c: row[c] for c in cols} for label, row in table.items()}
+        plots.compare_bars(plot_table, out / "compare.png", title=f"zoo compare over {seeds} seeds")
     return table
 
 
@@ -125,7 +128,8 @@ def compare(configs: list[Path], seeds: int = 3, out: Path = Path("runs/compare"
         run_dir = out / "runs" / label.replace("/", "_") / f"seed{seed}"
         results[label].append(run_one(cfg, seed, run_dir, list(overrides)))
         # rewrite the tables after every run, so a crash or a stop later keeps what finished
-        write_outputs(results, out, seeds, command)
+        # (the PNG, which takes seconds to draw, only at the end)
+        write_outputs(results, out, seeds, command, plot=False)
     table = write_outputs(results, out, seeds, command)
     print((out / "compare.md").read_text())
     print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}; "

@@ -90,6 +90,7 @@ def test_fused_without_input_grad_and_under_no_grad():
     fused, plain = _pair(num_experts=4, k=2)
     x = torch.randn(10, 16)
     with torch.no_grad():
+        assert can_fuse(fused.experts, x) is None  # inference runs the plain ops
         torch.testing.assert_close(fused(x), plain(x), atol=1e-6, rtol=1e-5)
     fused(x).sum().backward()  # x needs no grad: only the parameters get one
     plain(x).sum().backward()
@@ -100,7 +101,7 @@ def test_fused_without_input_grad_and_under_no_grad():
 def test_fused_bfloat16_matches_autograd():
     fused, plain = _pair(num_experts=4, k=2)
     fused, plain = fused.to(torch.bfloat16), plain.to(torch.bfloat16)
-    x = torch.randn(12, 16, dtype=torch.bfloat16)
+    x = torch.randn(12, 16, dtype=torch.bfloat16, requires_grad=True)
     assert can_fuse(fused.experts, x) == "mlp:gelu"
     torch.testing.assert_close(fused(x), plain(x), atol=2e-2, rtol=2e-2)
 

@@ -100,5 +100,5 @@ def test_predict_rl_plays_the_test_episodes(tmp_path, monkeypatch):
 def test_predict_without_predict_step_says_so():
     from zoo.module import ZooModule
 
-    with pytest.raises(NotImplementedError, match="defines no predict_step"):
+    with pytest.raises(ValueError, match="ZooModule defines no predict_step"):
         ZooModule().predict_step({}, 0)

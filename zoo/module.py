@@ -271,10 +271,14 @@ class ZooModule(L.LightningModule):
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch, batch_idx):
-        """``zoo predict``: a dict of per-sample outputs (see ``zoo/predict.py``). Every task
-        defines its own; this default says so instead of calling ``forward`` on a raw batch."""
-        raise NotImplementedError(f"{type(self).__name__} defines no predict_step, so `zoo predict` "
-                                  "has nothing to write for this task")
+        """``zoo predict``: a dict of per-sample outputs (see ``zoo/predict.py``).
+
+        All six tasks override this. For a new task module that does not, `zoo predict` stops
+        with one line naming the class (the CLI turns ValueError into ``zoo: error:``, exit 2),
+        instead of Lightning's default, which calls ``forward`` on a raw batch dict and fails
+        deep inside the model."""
+        raise ValueError(f"{type(self).__name__} defines no predict_step(batch, batch_idx) returning a dict "
+                         "of per-sample outputs, so `zoo predict` has nothing to write for it")
 
     # ------------------------------------------------------------------ expert parallelism
     def configure_model(self) -> None:
@@ -324,7 +328,8 @@ class ZooModule(L.LightningModule):
             return
         for buf in self.buffers():
             torch.distributed.broadcast(buf, src=0)
-        shards = {id(p) for n, p in self.named_parameters() if n in set(parallel.expert_param_names(self))}
+        shard_names = set(parallel.expert_param_names(self))
+        shards = {id(p) for n, p in self.named_parameters() if n in shard_names}
         params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in shards]
         if not params:
             return

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import SortedExperts, can_fuse, expert_params
+from .fused import SortedExperts, can_fuse, combine_rows, expert_params
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -94,10 +94,7 @@ class BatchedExperts(nn.Module):
             return SortedExperts.apply(x, rows, gate, x.shape[0], unsort, counts.tolist(), kind,
                                        *expert_params(self, kind))
         out = self.forward_grouped(x, rows, expert_index, counts)
-        out = out * gate.unsqueeze(-1).to(out.dtype)
-        if unsort is not None:
-            return out.index_select(0, unsort).view(x.shape[0], -1, out.shape[-1]).sum(1)
-        return x.new_zeros(x.shape[0], self.out_dim).index_add(0, rows, out)
+        return combine_rows(out * gate.unsqueeze(-1).to(out.dtype), rows, unsort, x.shape[0])
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # defined by every subclass
         raise TypeError(f"{type(self).__name__} must define forward_expert(e, x) and forward_batched(x)")

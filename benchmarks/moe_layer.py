@@ -3,7 +3,9 @@
     python benchmarks/moe_layer.py [--tokens 1024 8192 32768] [--repeats 5]
 
 For d=256, h=1024, E=8, k=2 (dropless) it times forward+backward of
-  moe     zoo.moe.MoE (sort tokens by expert, one GEMM per contiguous slice, index_add back)
+  moe     zoo.moe.MoE (sort tokens by expert, one GEMM per contiguous slice, gather back); on the
+          CPU with 2+ threads its experts run side by side, one thread each (zoo.moe.threads)
+  moe_seq the same layer with its experts one after another, each GEMM split over the threads
   dense   a DenseFFN with hidden = k*h, i.e. the same active FLOPs per token
   loop    the naive per-expert loop (boolean mask, gather, compute, scatter per expert)
   einsum  GShard-style one-hot dispatch/combine tensors [T, E, C] and einsums (capacity = k*T/E)
@@ -85,6 +87,9 @@ def build(method: str):
     torch.manual_seed(0)
     moe = MoE(D, H, num_experts=E, k=K, balance=None)
     if method == "moe":
+        return moe
+    if method == "moe_seq":  # the same layer with its experts one after another (zoo.moe.threads off)
+        moe.experts.threaded = False
         return moe
     if method == "dense":
         return DenseFFN(D, K * H)
@@ -190,7 +195,7 @@ def main():
 
     rows = []
     for t in args.tokens:
-        methods = ["moe", "dense", "loop"]
+        methods = ["moe", "moe_seq", "dense", "loop"]
         if einsum_bytes(t) / 2**30 <= args.einsum_max_gib:
             methods.append("einsum")
         models = {m: build(m) for m in methods}
@@ -208,13 +213,14 @@ def main():
         rows.append((t, med, mem, gemm_floor(t, args.repeats)))
 
     print("\nforward+backward, median seconds (ratio to dense FFN of equal active FLOPs)")
-    print(f"{'T':>6} | {'moe':>16} | {'dense':>8} | {'loop':>16} | {'einsum':>16} | moe/loop | moe/einsum"
-          " | GEMMs alone")
+    print(f"{'T':>6} | {'moe':>16} | {'moe in order':>16} | {'dense':>8} | {'loop':>16} | {'einsum':>16} "
+          "| moe/loop | moe/einsum | GEMMs alone (in order)")
     for t, med, _, floor in rows:
         d = med["dense"]
         cell = lambda m: f"{med[m]:.4f} ({med[m] / d:.2f}x)" if m in med else "skipped (memory)"  # noqa: E731
         ein = f"{med['moe'] / med['einsum']:.2f}" if "einsum" in med else "-"
-        print(f"{t:>6} | {cell('moe'):>16} | {d:>8.4f} | {cell('loop'):>16} | {cell('einsum'):>16} | "
+        print(f"{t:>6} | {cell('moe'):>16} | {cell('moe_seq'):>16} | {d:>8.4f} | {cell('loop'):>16} | "
+              f"{cell('einsum'):>16} | "
               f"{med['moe'] / med['loop']:.2f}     | {ein:>10} | {floor:.2f}x")
     if not args.no_memory:
         print("\npeak memory of one forward+backward, MiB (ratio to dense)")

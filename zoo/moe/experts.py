@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import SortedExperts, can_fuse, combine_rows, expert_params
+from .fused import SortedExperts, can_fuse, combine_rows, expert_params, sorted_forward
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -80,6 +80,10 @@ class BatchedExperts(nn.Module):
     #: autograd version (same values; needed only for double backward)
     fused: bool = True
 
+    #: on the CPU with more than one intra-op thread, run groups of experts side by side, one
+    #: thread each (:mod:`zoo.moe.threads`; same values); False keeps them one after another
+    threaded: bool = True
+
     def combine_sorted(self, x: torch.Tensor, rows: torch.Tensor, expert_index: torch.Tensor,
                        counts: torch.Tensor, gate: torch.Tensor, unsort: torch.Tensor | None = None) -> torch.Tensor:
         """``y[t] = sum_a gate[a] * expert[e_a](x[t])`` over assignments a with ``rows[a] = t``.
@@ -91,10 +95,10 @@ class BatchedExperts(nn.Module):
         """
         kind = can_fuse(self, x)
         if kind is not None:
-            return SortedExperts.apply(x, rows, gate, x.shape[0], unsort, counts.tolist(), kind,
+            return SortedExperts.apply(x, rows, gate, x.shape[0], unsort, counts.tolist(), kind, self.threaded,
                                        *expert_params(self, kind))
         out = self.forward_grouped(x, rows, expert_index, counts)
-        return combine_rows(out * gate.unsqueeze(-1).to(out.dtype), rows, unsort, x.shape[0])
+        return combine_rows(out, rows, unsort, x.shape[0], gate)
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # defined by every subclass
         raise TypeError(f"{type(self).__name__} must define forward_expert(e, x) and forward_batched(x)")
@@ -166,7 +170,11 @@ class MLPExperts(BatchedExperts):
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
         kind = can_fuse(self, x_sorted)
         if kind is not None:
-            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, *expert_params(self, kind))
+            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, self.threaded,
+                                       *expert_params(self, kind))
+        kind = can_fuse(self, x_sorted, grad=False)
+        if kind is not None:
+            return sorted_forward(x_sorted, counts, kind, self.threaded, expert_params(self, kind))
         # unbind once: one backward node stacks the per-expert grads, instead of E select-backwards
         # that each materialise a zero tensor of the full [E, ...] weight
         w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
@@ -213,7 +221,11 @@ class SwiGLUExperts(BatchedExperts):
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
         kind = can_fuse(self, x_sorted)
         if kind is not None:
-            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, *expert_params(self, kind))
+            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, self.threaded,
+                                       *expert_params(self, kind))
+        kind = can_fuse(self, x_sorted, grad=False)
+        if kind is not None:
+            return sorted_forward(x_sorted, counts, kind, self.threaded, expert_params(self, kind))
         return super().forward_sorted(x_sorted, counts)
 
     def forward_batched(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ For d=256, h=1024, E=8, k=2 (dropless) it times forward+backward of
   dense   a DenseFFN with hidden = k*h, i.e. the same active FLOPs per token
   loop    the naive per-expert loop (boolean mask, gather, compute, scatter per expert)
   einsum  GShard-style one-hot dispatch/combine tensors [T, E, C] and einsums (capacity = k*T/E)
-interleaving the methods in every repetition (this machine is noisy) and reporting medians
+interleaving the methods in every repetition, in an order rotated by one each time (this
+machine is noisy, and a step depends on what ran before it), and reporting medians
 and ratios to the dense FFN. Every step starts with the gradients set to None, as an optimizer's
 ``zero_grad()`` leaves them in training. A "GEMMs alone" column times only the matrix products of
 both layers (forward and both backward products) for the token counts the router produced:
@@ -203,8 +204,10 @@ def main():
         for m in methods:  # warm-up
             step(models[m], x)
         times = {m: [] for m in methods}
-        for _ in tqdm(range(args.repeats), desc=f"T={t}", leave=False):
-            for m in methods:
+        for r in tqdm(range(args.repeats), desc=f"T={t}", leave=False):
+            # rotate the order every repetition: each method follows every other one equally
+            # often (a step after the einsum's large one-hot buffers runs on a colder cache)
+            for m in methods[r % len(methods):] + methods[:r % len(methods)]:
                 t0 = time.perf_counter()
                 step(models[m], x)
                 times[m].append(time.perf_counter() - t0)

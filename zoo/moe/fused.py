@@ -104,25 +104,27 @@ class SortedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rows, gate, num_out, unsort, counts, kind, threaded, *params):
         spans = _spans(counts)
-        xs = x if rows is None else x.index_select(0, rows)
-        out = xs.new_empty(xs.shape[0], params[-1].shape[-1])
-        # hidden activations stay per expert: [count_e, hidden] blocks are what the allocator
-        # recycles step after step (one [A, hidden] block would be fresh pages every step)
-        hidden = [None] * len(spans)
+        out = x.new_empty(sum(counts), params[-1].shape[-1])
+        # everything per expert happens on the thread that runs the expert (zoo.moe.threads):
+        # the gather of its rows, its GEMMs; the inputs and hidden activations stay per expert,
+        # [count_e, ...] blocks that the allocator recycles step after step
+        inputs, hidden = [None] * len(spans), [None] * len(spans)
 
         def expert(j, e, lo, hi):
-            hidden[j] = _expert_forward(kind, params, xs[lo:hi], e, out[lo:hi])
+            xe = x[lo:hi] if rows is None else x.index_select(0, rows[lo:hi])
+            inputs[j] = xe
+            hidden[j] = _expert_forward(kind, params, xe, e, out[lo:hi])
 
-        run_spans(expert, spans, xs, threaded)
+        run_spans(expert, spans, x, threaded)
         ctx.spans, ctx.kind, ctx.num_rows, ctx.combined = spans, kind, x.shape[0], gate is not None
-        ctx.threaded = threaded
+        ctx.threaded, ctx.x_dtype = threaded, x.dtype
         # intermediates live on ctx (not save_for_backward) so backward can drop each one as
         # soon as it is used, as autograd frees a node's saved tensors: one expert's hidden
         # activations at a time instead of all of them until the end
-        ctx.num_experts, ctx.hidden, ctx.gathered = params[0].shape[0], hidden, xs if rows is not None else None
+        ctx.num_experts, ctx.hidden, ctx.inputs = params[0].shape[0], hidden, inputs
         if gate is None:
             ctx.out = None
-            ctx.save_for_backward(rows, None, x if rows is None else None, None, *params)
+            ctx.save_for_backward(rows, None, None, *params)
             return out
         # the unweighted outputs are kept only when the gate needs a gradient
         ctx.out = out if ctx.needs_input_grad[2] else None
@@ -130,43 +132,47 @@ class SortedExperts(torch.autograd.Function):
             y = combine_rows(out.mul_(gate.to(out.dtype).unsqueeze(-1)), rows, None, num_out)
         else:
             y = combine_rows(out, rows, unsort, num_out, gate)
-        ctx.save_for_backward(rows, gate, x if rows is None else None, unsort, *params)
+        ctx.save_for_backward(rows, gate, unsort, *params)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        rows, gate, x, unsort, *params = ctx.saved_tensors
-        xs = x if rows is None else ctx.gathered
-        spans, kind, hidden = ctx.spans, ctx.kind, ctx.hidden
+        rows, gate, unsort, *params = ctx.saved_tensors
+        spans, kind, hidden, inputs, out = ctx.spans, ctx.kind, ctx.hidden, ctx.inputs, ctx.out
         free = not _graph_kept()
-        grad_gate = None
-        if ctx.combined:
-            g_out = grad_y.index_select(0, rows)  # [A, out]
-            if ctx.out is not None:
-                grad_gate = torch.linalg.vecdot(g_out, ctx.out).to(gate.dtype)
-                if free:
-                    ctx.out = None
-            g_out.mul_(gate.to(g_out.dtype).unsqueeze(-1))
-        else:
-            g_out = grad_y.contiguous()
+        if free:
+            ctx.out = None
+        grad_y = grad_y.contiguous()
+        num_rows = sum(hi - lo for _, lo, hi in spans)
+        # the gate gradient <d y / d out_a, out_a>, per row in the outputs' dtype
+        grad_gate = grad_y.new_empty(num_rows) if out is not None else None
+        g = gate.to(grad_y.dtype).unsqueeze(-1) if ctx.combined else None
         need_x = ctx.needs_input_grad[0]
         grads = _grads_like(params, len(spans) == ctx.num_experts)
-        gxs = torch.empty_like(xs) if need_x else None
+        gxs = grad_y.new_empty(num_rows, params[0].shape[1], dtype=ctx.x_dtype) if need_x else None
 
         def expert(j, e, lo, hi):
-            saved = hidden[j]
+            saved, xe = hidden[j], inputs[j]
             if free:
-                hidden[j] = None
-            _expert_backward(kind, params, grads, saved, xs[lo:hi], g_out[lo:hi], e,
-                             gxs[lo:hi] if need_x else None)
+                hidden[j] = inputs[j] = None
+            if g is None:
+                ge = grad_y[lo:hi]
+            else:  # this expert's rows of the output gradient, times their gates
+                ge = grad_y.index_select(0, rows[lo:hi])
+                if grad_gate is not None:
+                    torch.bmm(ge.unsqueeze(1), out[lo:hi].unsqueeze(2), out=grad_gate[lo:hi].view(-1, 1, 1))
+                ge.mul_(g[lo:hi])
+            _expert_backward(kind, params, grads, saved, xe, ge, e, gxs[lo:hi] if need_x else None)
 
-        run_spans(expert, spans, xs, ctx.threaded)
+        run_spans(expert, spans, grad_y, ctx.threaded)
         if free:
-            ctx.hidden = ctx.gathered = None
+            ctx.hidden = ctx.inputs = None
         grad_x = None
         if need_x:
             grad_x = gxs if rows is None else combine_rows(gxs, rows, unsort, ctx.num_rows)
+        if grad_gate is not None:
+            grad_gate = grad_gate.to(gate.dtype)
         return (grad_x, None, grad_gate, None, None, None, None, None, *grads)
 
 

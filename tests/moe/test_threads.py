@@ -120,3 +120,26 @@ def test_error_in_a_group_is_raised_after_all_finish(two_threads):
         threads.run_groups(fn, [[(0, 1, 0, 10)], [(1, 0, 10, 400), (2, 2, 400, 800)]])
     assert finished == [0, 2]  # the other group ran to its end
     assert torch.get_num_threads() == 2  # restored
+
+
+def test_forked_child_runs_its_own_pool(two_threads):
+    import multiprocessing as mp
+
+    threads.run_groups(lambda *a: None, [[(0, 0, 0, 1)], [(1, 1, 1, 2)]])  # the parent's pool exists
+    parent = threads._pool
+    with mp.get_context("fork").Pool(1) as pool:
+        child_pid, names = pool.apply(_child_groups)
+    assert child_pid != parent[0]
+    assert len(set(names)) == 2 and all(n.startswith("zoo-experts") for n in names)
+
+
+def _child_groups():
+    # only the pool is exercised: GNU OpenMP itself cannot run multi-threaded ops in a forked child
+    import os
+    import threading
+
+    names = []
+    threads.run_groups(lambda *a: (names.append(threading.current_thread().name), __import__("time").sleep(0.05)),
+                       [[(0, 0, 0, 1)], [(1, 1, 1, 2)]])
+    assert threads._pool[0] == os.getpid()
+    return os.getpid(), names

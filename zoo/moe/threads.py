@@ -38,6 +38,17 @@ _pool_lock = threading.Lock()
 _local = threading.local()
 
 
+def _forget_pool_in_child() -> None:
+    # a forked child has none of the parent's threads (and maybe a lock held by one of them):
+    # it starts its own pool on first use
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _start_worker(barrier: threading.Barrier) -> None:
     # MKL's and OpenMP's thread counts are per thread: this worker keeps 1 for good. (torch's own
     # count is process-wide; run_groups sets it to 1 around each use of the pool.)

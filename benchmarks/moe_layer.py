@@ -14,9 +14,10 @@ machine is noisy, and a step depends on what ran before it), and reporting media
 and ratios to the dense FFN. Every step starts with the gradients set to None, as an optimizer's
 ``zero_grad()`` leaves them in training. A "GEMMs alone" column times only the matrix products of
 both layers (forward and both backward products) for the token counts the router produced:
-E GEMMs of ~k*T/E rows against the dense FFN's one GEMM of T rows, the part of the gap that
-no dispatch code can remove on this CPU. Peak memory is the resident-set growth of one forward+backward
-in a fresh subprocess per (method, T). Then inference alone (no grad) for 1..8192 tokens.
+E GEMMs of ~k*T/E rows, one after another and side by side as the layer runs them, against
+the dense FFN's one GEMM of T rows: the part of the gap that no dispatch code can remove.
+Peak memory is the resident-set growth of one forward+backward in a fresh subprocess per
+(method, T). Then inference alone (no grad) for 1..8192 tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 from zoo.moe import DenseFFN, MoE  # noqa: E402
+from zoo.moe.threads import run_spans  # noqa: E402
 
 D, H, E, K = 256, 1024, 8, 2
 
@@ -133,20 +135,34 @@ def gemm_floor(t: int, repeats: int) -> float:
         c = g_ @ b_.t()
         x_ @ a_, h_ @ b_, h_.t() @ g_, c @ a_.t(), x_.t() @ c
 
+    parts = list(zip(xs.split(counts), hs.split(counts), gs.split(counts)))
+    spans, lo = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            spans.append((e, lo, lo + c))
+        lo += c
+
+    def one(j, e, lo, hi):
+        six(*parts[e], w1[e], w2[e])
+
     def experts():
-        for e, (x_, h_, g_) in enumerate(zip(xs.split(counts), hs.split(counts), gs.split(counts))):
-            if counts[e]:
-                six(x_, h_, g_, w1[e], w2[e])
+        for e, _, _ in spans:
+            one(0, e, 0, 0)
+
+    def experts_side_by_side():  # the grouping the MoE layer uses (zoo.moe.threads)
+        run_spans(one, spans, xs)
 
     def dense():
         six(xd, hd, gd, wd1, wd2)
 
-    experts(), dense()
-    te, td = [], []
+    experts(), experts_side_by_side(), dense()
+    te, tp, td = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter(); experts(); te.append(time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter(); experts_side_by_side(); tp.append(time.perf_counter() - t0)  # noqa: E702
         t0 = time.perf_counter(); dense(); td.append(time.perf_counter() - t0)  # noqa: E702
-    return sorted(te)[len(te) // 2] / sorted(td)[len(td) // 2]
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return med(te) / med(td), med(tp) / med(td)
 
 
 def _status_kib(field: str) -> int:
@@ -217,14 +233,14 @@ def main():
 
     print("\nforward+backward, median seconds (ratio to dense FFN of equal active FLOPs)")
     print(f"{'T':>6} | {'moe':>16} | {'moe in order':>16} | {'dense':>8} | {'loop':>16} | {'einsum':>16} "
-          "| moe/loop | moe/einsum | GEMMs alone (in order)")
+          "| moe/loop | moe/einsum | GEMMs alone: in order, side by side")
     for t, med, _, floor in rows:
         d = med["dense"]
         cell = lambda m: f"{med[m]:.4f} ({med[m] / d:.2f}x)" if m in med else "skipped (memory)"  # noqa: E731
         ein = f"{med['moe'] / med['einsum']:.2f}" if "einsum" in med else "-"
         print(f"{t:>6} | {cell('moe'):>16} | {cell('moe_seq'):>16} | {d:>8.4f} | {cell('loop'):>16} | "
               f"{cell('einsum'):>16} | "
-              f"{med['moe'] / med['loop']:.2f}     | {ein:>10} | {floor:.2f}x")
+              f"{med['moe'] / med['loop']:.2f}     | {ein:>10} | {floor[0]:.2f}x, {floor[1]:.2f}x")
     if not args.no_memory:
         print("\npeak memory of one forward+backward, MiB (ratio to dense)")
         for t, _, mem, _ in rows:

@@ -5,6 +5,11 @@ import socket
 import pytest
 import torch
 
+# zoo.cli imports Lightning only when a command needs it. Lightning's loggers bind the sys.stderr
+# of the moment they are imported; import it here, before any test captures output, as a real
+# `zoo` process does before it prints anything.
+import zoo.lightning_cli  # noqa: F401,E402
+
 # One intra-op thread for the whole session, and for the `zoo` subprocesses the tests start.
 # The models here are tiny: a second thread gains little on an idle 2-core machine, and while
 # anything else runs (the other rank of a DDP test, a resume subprocess, another user) OpenMP's

@@ -152,3 +152,11 @@ def test_real_process_exit_codes(real_processes):
     errors = [ln for ln in err.splitlines() if ln.startswith("zoo: error:")]
     assert "Traceback" not in err and len(errors) == 1, err
     assert "config file not found" in errors[0] and "nope.yaml" in errors[0], err
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    code = ("import sys; from zoo.cli import main; rc = main(['--help']); "
+            "print(rc, 'torch' in sys.modules, 'lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "zoo fit|validate|test|predict" in out
+    assert out.strip().splitlines()[-1] == "0 False False"

@@ -60,6 +60,33 @@ def test_threaded_equals_in_order(two_threads, spy, expert):
     assert torch.get_num_threads() == 2
 
 
+@pytest.mark.parametrize("kw", [
+    dict(router="switch", k=1),
+    dict(router="expert_choice"),
+    dict(capacity_factor=1.0),  # dropping: the combine is an index_add, no unsort
+    dict(null_experts=2),
+    dict(shared_experts=1, activation="relu"),
+    dict(router="dense_to_sparse", k=1),
+], ids=["switch", "expert_choice", "capacity", "null", "shared_relu", "dense_to_sparse"])
+def test_threaded_equals_in_order_every_routing(two_threads, spy, kw):
+    torch.manual_seed(4)
+    moe = MoE(32, 64, num_experts=4, **{"k": 2, **kw})
+    x = torch.randn(600, 32) * 2
+    start = {k: v.clone() for k, v in moe.state_dict().items()}  # the annealing step counter too
+    moe.experts.threaded = False
+    torch.manual_seed(5)
+    y0, gx0, g0 = _step(moe, x)
+    moe.load_state_dict(start)
+    moe.experts.threaded = True
+    torch.manual_seed(5)  # random routers draw the same numbers
+    y1, gx1, g1 = _step(moe, x)
+    assert spy, "the experts never ran side by side"
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-6, atol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_inference_threaded_equals_in_order(two_threads, spy):
     torch.manual_seed(1)
     moe = MoE(32, 64, num_experts=4, k=2).eval()

@@ -9,7 +9,10 @@ from zoo.moe import MoE
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
+    """Two intra-op threads, and the work threshold off: these layers are small so the tests are
+    fast, and would otherwise (rightly) run their experts in order."""
+    monkeypatch.setattr(threads, "MIN_WORK", 0)
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -103,7 +106,7 @@ def test_inference_threaded_equals_in_order(two_threads, spy):
     assert torch.equal(y2, y1)
 
 
-def test_groups_balance_rows_and_refuse_skew(two_threads):
+def test_groups_balance_rows_and_refuse_skew(two_threads, monkeypatch):
     x = torch.zeros(1, 4)
     spans = [(0, 0, 300), (1, 300, 400), (2, 400, 600), (3, 600, 800)]
     groups = threads.expert_groups(spans, x)
@@ -114,6 +117,9 @@ def test_groups_balance_rows_and_refuse_skew(two_threads):
     assert threads.expert_groups(skewed, x) is None
     assert threads.expert_groups([(0, 0, 50), (1, 50, 100)], x) is None  # too few rows
     assert threads.expert_groups(spans, x, allowed=False) is None
+    monkeypatch.setattr(threads, "MIN_WORK", 1 << 28)
+    assert threads.expert_groups(spans, x, row_cost=64 * 256 * 2) is None  # 26M multiply-adds: small
+    assert threads.expert_groups(spans, x, row_cost=256 * 1024 * 2) is not None  # 419M
     torch.set_num_threads(1)
     assert threads.expert_groups(spans, x) is None
 
@@ -170,3 +176,14 @@ def _child_groups():
                        [[(0, 0, 0, 1)], [(1, 1, 1, 2)]])
     assert threads._pool[0] == os.getpid()
     return os.getpid(), names
+
+
+def test_small_layers_run_in_order(spy):
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        moe = MoE(32, 64, num_experts=4, k=2)
+        moe(torch.randn(2000, 32)).sum().backward()  # 4000 rows x 4096 weights: 16M < MIN_WORK
+    finally:
+        torch.set_num_threads(n)
+    assert spy == []

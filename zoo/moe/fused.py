@@ -81,6 +81,11 @@ def _graph_kept() -> bool:
         return True
 
 
+def _row_cost(params) -> int:
+    """Multiply-adds one row costs in the forward: the weight matrices of one expert."""
+    return sum(p[0].numel() for p in params if p.dim() == 3)
+
+
 def _grads_like(params, full: bool):
     # an expert without rows gets an exact zero gradient; otherwise every slot is overwritten
     make = torch.empty_like if full else torch.zeros_like
@@ -115,7 +120,7 @@ class SortedExperts(torch.autograd.Function):
             inputs[j] = xe
             hidden[j] = _expert_forward(kind, params, xe, e, out[lo:hi])
 
-        run_spans(expert, spans, x, threaded)
+        run_spans(expert, spans, x, threaded, _row_cost(params))
         ctx.spans, ctx.kind, ctx.num_rows, ctx.combined = spans, kind, x.shape[0], gate is not None
         ctx.threaded, ctx.x_dtype = threaded, x.dtype
         # intermediates live on ctx (not save_for_backward) so backward can drop each one as
@@ -165,7 +170,7 @@ class SortedExperts(torch.autograd.Function):
                 ge.mul_(g[lo:hi])
             _expert_backward(kind, params, grads, saved, xe, ge, e, gxs[lo:hi] if need_x else None)
 
-        run_spans(expert, spans, grad_y, ctx.threaded)
+        run_spans(expert, spans, grad_y, ctx.threaded, _row_cost(params))
         if free:
             ctx.hidden = ctx.inputs = None
         grad_x = None
@@ -251,7 +256,7 @@ def sorted_forward(x_sorted: torch.Tensor, counts: list[int], kind: str, threade
     concatenation, nothing kept), side by side on the CPU when :mod:`zoo.moe.threads` says so."""
     out = x_sorted.new_empty(x_sorted.shape[0], params[-1].shape[-1])
     run_spans(lambda j, e, lo, hi: _expert_forward(kind, params, x_sorted[lo:hi], e, out[lo:hi]),
-              _spans(counts), x_sorted, threaded)
+              _spans(counts), x_sorted, threaded, _row_cost(params))
     return out
 
 

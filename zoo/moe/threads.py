@@ -12,7 +12,7 @@ Each expert is still computed by exactly one thread with the same kernels, so th
 not depend on how experts were grouped or scheduled (``tests/moe/test_threads.py``).
 
 It is used only where it is safe and pays (:func:`expert_groups`): CPU tensors, more than one
-intra-op thread, at least two experts with rows, enough rows in all, groups balanced well
+intra-op thread, at least two experts with rows, enough rows and multiply-adds in all, groups balanced well
 enough that the slowest one beats splitting each GEMM, and no dispatch or function mode active
 (``FlopCounterMode``, fake tensors and tracing keep their thread-local state on the calling
 thread, so they see every op only when everything runs there). ``ZOO_EXPERT_THREADS=0``
@@ -28,6 +28,11 @@ import torch
 
 #: below this many sorted rows (all experts together) the thread hand-off costs more than it saves
 MIN_ROWS = 256
+#: nor below this many multiply-adds per forward (rows x weights per expert): each use of the
+#: pool costs about 0.2 ms to start and 0.2 ms to join (measured), which small layers do not
+#: earn back (d=64, h=256, 512 tokens: 5.6-5.9 ms threaded against 4.8-5.5 ms in order for the
+#: forward); the layer benchmark's 1k-token layer does 1.07e9 and gains
+MIN_WORK = 1 << 28
 #: one GEMM split over n threads runs about this fraction of n times faster than on one thread
 #: (measured: 1k tokens 1.22x from 2 threads -> 0.61; large GEMMs closer to 0.9); the groups are
 #: used when their slowest one is predicted faster than the split GEMMs
@@ -91,14 +96,15 @@ def _safe_here(x: torch.Tensor) -> bool:
     return not (compiling is not None and compiling())
 
 
-def expert_groups(spans: list, x: torch.Tensor, allowed: bool = True) -> list[list] | None:
+def expert_groups(spans: list, x: torch.Tensor, allowed: bool = True, row_cost: int | None = None) -> list[list] | None:
     """Split ``spans`` (tuples ending in a row range ``lo, hi``) into one group per intra-op
-    thread, or None when the experts should run one after another with multi-threaded GEMMs."""
+    thread, or None when the experts should run one after another with multi-threaded GEMMs.
+    ``row_cost``: multiply-adds per row (the weights of one expert), checked against MIN_WORK."""
     n = torch.get_num_threads()
     if not allowed or n < 2 or len(spans) < 2 or not enabled():
         return None
     total = sum(s[-1] - s[-2] for s in spans)
-    if total < MIN_ROWS or not _safe_here(x):
+    if total < MIN_ROWS or (row_cost is not None and total * row_cost < MIN_WORK) or not _safe_here(x):
         return None
     n = min(n, len(spans))
     groups, loads = [[] for _ in range(n)], [0] * n
@@ -140,11 +146,11 @@ def run_groups(fn, groups: list[list]) -> None:
         f.result()
 
 
-def run_spans(fn, spans: list, x: torch.Tensor, allowed: bool = True) -> None:
+def run_spans(fn, spans: list, x: torch.Tensor, allowed: bool = True, row_cost: int | None = None) -> None:
     """``fn(j, e, lo, hi)`` for every span j = (e, lo, hi), on the expert threads when that pays,
     else in order on this thread."""
     items = [(j, *s) for j, s in enumerate(spans)]
-    groups = expert_groups(items, x, allowed)
+    groups = expert_groups(items, x, allowed, row_cost)
     if groups is None:
         for item in items:
             fn(*item)

@@ -8,12 +8,13 @@ MoE 1.22x). Here the experts are split into one group per intra-op thread, balan
 (longest first), and each group runs on a worker thread that computes single-threaded; torch
 releases the GIL inside every op, so the groups really run at the same time.
 
-Each expert is still computed by exactly one thread with the same kernels, so the result does
-not depend on how experts were grouped or scheduled (``tests/moe/test_threads.py``).
+Each expert is still computed by exactly one thread, so the result does not depend on how the
+experts were grouped or scheduled. It matches the in-order run up to float rounding (a GEMM
+split over two threads may round differently; ``tests/moe/test_threads.py``).
 
 It is used only where it is safe and pays (:func:`expert_groups`): CPU tensors, more than one
-intra-op thread, at least two experts with rows, enough rows and multiply-adds in all, groups balanced well
-enough that the slowest one beats splitting each GEMM, and no dispatch or function mode active
+intra-op thread, at least two experts with rows, enough rows and multiply-adds in all, groups
+balanced well enough that the slowest one beats splitting each GEMM, and no dispatch or function mode active
 (``FlopCounterMode``, fake tensors and tracing keep their thread-local state on the calling
 thread, so they see every op only when everything runs there). ``ZOO_EXPERT_THREADS=0``
 switches it off process-wide; ``experts.threaded = False`` per module.

@@ -128,9 +128,24 @@ class BatchedExperts(nn.Module):
         out = self.forward_batched(buf.view(self.num_experts, c, -1))  # [E, c, out]
         return out.reshape(self.num_experts * c, -1).index_select(0, slot)
 
+    def _sorted_kernels(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+        """The explicit per-expert kernels of :mod:`zoo.moe.fused` where this expert type has them:
+        the fused autograd node in training, :func:`sorted_forward` in inference; else None."""
+        kind = can_fuse(self, x_sorted)
+        if kind is not None:
+            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, self.threaded,
+                                       *expert_params(self, kind))
+        kind = can_fuse(self, x_sorted, grad=False)
+        if kind is not None:
+            return sorted_forward(x_sorted, counts, kind, self.threaded, expert_params(self, kind))
+        return None
+
     def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
         """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        out = self._sorted_kernels(x_sorted, counts)
+        if out is not None:
+            return out
         outs = [self.forward_expert(e, xs) for e, xs in enumerate(torch.split(x_sorted, counts)) if xs.shape[0]]
         if not outs:
             return x_sorted.new_zeros(0, self.out_dim)
@@ -168,13 +183,9 @@ class MLPExperts(BatchedExperts):
     def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
         """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
-        kind = can_fuse(self, x_sorted)
-        if kind is not None:
-            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, self.threaded,
-                                       *expert_params(self, kind))
-        kind = can_fuse(self, x_sorted, grad=False)
-        if kind is not None:
-            return sorted_forward(x_sorted, counts, kind, self.threaded, expert_params(self, kind))
+        out = self._sorted_kernels(x_sorted, counts)
+        if out is not None:
+            return out
         # unbind once: one backward node stacks the per-expert grads, instead of E select-backwards
         # that each materialise a zero tensor of the full [E, ...] weight
         w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
@@ -215,18 +226,6 @@ class SwiGLUExperts(BatchedExperts):
         """Expert ``e`` on tokens x [n, dim] -> [n, out]."""
         h = torch.addmm(self.b1[e], x, self.w1[e]) * F.silu(torch.addmm(self.b3[e], x, self.w3[e]))
         return torch.addmm(self.b2[e], h, self.w2[e])
-
-    def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
-        """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
-        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
-        kind = can_fuse(self, x_sorted)
-        if kind is not None:
-            return SortedExperts.apply(x_sorted, None, None, 0, None, counts, kind, self.threaded,
-                                       *expert_params(self, kind))
-        kind = can_fuse(self, x_sorted, grad=False)
-        if kind is not None:
-            return sorted_forward(x_sorted, counts, kind, self.threaded, expert_params(self, kind))
-        return super().forward_sorted(x_sorted, counts)
 
     def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         """Buckets x [E, C, dim] -> [E, C, out]."""

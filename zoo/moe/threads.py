@@ -2,9 +2,9 @@
 
 The experts of a sorted MoE layer are independent GEMM chains on disjoint rows. Run one after
 another, each small GEMM is split across the intra-op (OpenMP) threads and pays a fork/join
-barrier per op; at a few hundred rows per expert that scales badly (measured on the 2-core CPU
-at 1k tokens, d=256, h=1024, E=8, k=2: the dense FFN gained 1.45x from its second thread, the
-MoE 1.22x). Here the experts are split into one group per intra-op thread, balanced by rows
+barrier per op; at a few hundred rows per expert that scales badly (``benchmarks/moe_layer.py``,
+1k tokens, d=256, h=1024, E=8, k=2, 2 threads: the expert GEMMs alone cost 1.14-1.27x the dense
+FFN's GEMMs run in order, 1.06-1.12x run side by side as here). Here the experts are split into one group per intra-op thread, balanced by rows
 (longest first), and each group runs on a worker thread that computes single-threaded; torch
 releases the GIL inside every op, so the groups really run at the same time.
 
@@ -34,9 +34,9 @@ MIN_ROWS = 256
 #: earn back (d=64, h=256, 512 tokens: 5.6-5.9 ms threaded against 4.8-5.5 ms in order for the
 #: forward); the layer benchmark's 1k-token layer does 1.07e9 and gains
 MIN_WORK = 1 << 28
-#: one GEMM split over n threads runs about this fraction of n times faster than on one thread
-#: (measured: 1k tokens 1.22x from 2 threads -> 0.61; large GEMMs closer to 0.9); the groups are
-#: used when their slowest one is predicted faster than the split GEMMs
+#: assumed speed-up of one GEMM split over n threads, as a fraction of n (not tuned: the 1k-token
+#: layer's experts gained 1.2-1.6x from a second thread in this project's measurements, 0.6-0.8);
+#: the groups are used when their slowest one is predicted faster than the split GEMMs
 SPLIT_EFFICIENCY = 0.8
 
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None

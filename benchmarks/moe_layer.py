@@ -9,8 +9,9 @@ For d=256, h=1024, E=8, k=2 (dropless) it times forward+backward of
   dense   a DenseFFN with hidden = k*h, i.e. the same active FLOPs per token
   loop    the naive per-expert loop (boolean mask, gather, compute, scatter per expert)
   einsum  GShard-style one-hot dispatch/combine tensors [T, E, C] and einsums (capacity = k*T/E)
-interleaving the methods in every repetition, in an order rotated by one each time (this
-machine is noisy, and a step depends on what ran before it), and reporting medians
+interleaving the methods in every repetition, in a fresh seeded random order each time (this
+machine is noisy, and a step depends on what ran before it: a rotation of one fixed order would
+keep every method behind the same neighbour), and reporting medians
 and ratios to the dense FFN. Every step starts with the gradients set to None, as an optimizer's
 ``zero_grad()`` leaves them in training. A "GEMMs alone" column times only the matrix products of
 both layers (forward and both backward products) for the token counts the router produced:
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import subprocess
 import sys
 import time
@@ -220,10 +222,12 @@ def main():
         for m in methods:  # warm-up
             step(models[m], x)
         times = {m: [] for m in methods}
-        for r in tqdm(range(args.repeats), desc=f"T={t}", leave=False):
-            # rotate the order every repetition: each method follows every other one equally
-            # often (a step after the einsum's large one-hot buffers runs on a colder cache)
-            for m in methods[r % len(methods):] + methods[:r % len(methods)]:
+        order = random.Random(t)
+        for _ in tqdm(range(args.repeats), desc=f"T={t}", leave=False):
+            # a new random order every repetition, so each method follows each other one about
+            # equally often (a step right after the einsum's large one-hot buffers runs on a
+            # colder cache; rotating one fixed order would put the same method there every time)
+            for m in order.sample(methods, len(methods)):
                 t0 = time.perf_counter()
                 step(models[m], x)
                 times[m].append(time.perf_counter() - t0)

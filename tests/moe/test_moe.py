@@ -54,6 +54,28 @@ def test_gates_without_renormalisation_are_raw_probabilities():
     assert torch.all(top2.sum(-1) < 1)
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_topk_gates_equal_the_softmax_formula_in_value_and_gradient(renormalize):
+    """The router computes its gates from the k selected logits (a softmax over them, or
+    exp(l - logsumexp)); that must equal selecting from the full softmax, gradients included."""
+    from zoo.moe.routers import TopKRouter
+
+    torch.manual_seed(3)
+    router = TopKRouter(16, 6, k=2, renormalize=renormalize)
+    x = torch.randn(40, 16) * 4
+    idx, w, logits = router(x)
+    probs = logits.softmax(-1)
+    ref = probs.gather(-1, probs.topk(2, -1).indices)
+    if renormalize:
+        ref = ref / ref.sum(-1, keepdim=True)
+    assert torch.equal(idx, probs.topk(2, -1).indices)
+    torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-7)
+    up = torch.randn_like(w)
+    g = torch.autograd.grad((w * up).sum(), router.gate.weight, retain_graph=True)[0]
+    g_ref = torch.autograd.grad((ref * up).sum(), router.gate.weight)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)  # float32 rounding of sums near 0
+
+
 @pytest.mark.parametrize("shape", [(40, 16), (4, 10, 16), (2, 3, 5, 16)])
 def test_dropless_equals_naive_loop_forward_and_backward(shape):
     torch.manual_seed(1)

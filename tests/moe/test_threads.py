@@ -151,7 +151,7 @@ def test_error_in_a_group_is_raised_after_all_finish(two_threads):
 
     with pytest.raises(ValueError, match="expert 1 failed"):
         threads.run_groups(fn, [[(0, 1, 0, 10)], [(1, 0, 10, 400), (2, 2, 400, 800)]])
-    assert finished == [0, 2]  # the other group ran to its end
+    assert sorted(finished) == [0, 2]  # the other experts still ran
     assert torch.get_num_threads() == 2  # restored
 
 
@@ -163,7 +163,8 @@ def test_forked_child_runs_its_own_pool(two_threads):
     with mp.get_context("fork").Pool(1) as pool:
         child_pid, names = pool.apply(_child_groups)
     assert child_pid != parent[0]
-    assert len(set(names)) == 2 and all(n.startswith("zoo-experts") for n in names)
+    # the calling thread takes one expert, a worker of the child's own pool the other
+    assert sorted(names) == ["MainThread", "zoo-experts_0"]
 
 
 def _child_groups():

@@ -61,9 +61,13 @@ def combine_rows(rows_out: torch.Tensor, rows: torch.Tensor, unsort: torch.Tenso
     With ``unsort``, each token's k rows are gathered next to each other and reduced by one
     batched ``[1, k] @ [k, width]`` product, so no weighted copy of the rows is made."""
     if unsort is not None:
+        if gate is None:  # k gathers and adds: a sum over the middle of [num_out, k, width] is 2x slower
+            slots = unsort.view(num_out, -1)
+            y = rows_out.index_select(0, slots[:, 0])
+            for j in range(1, slots.shape[1]):
+                y.add_(rows_out.index_select(0, slots[:, j]))
+            return y
         gathered = rows_out.index_select(0, unsort).view(num_out, -1, rows_out.shape[-1])
-        if gate is None:
-            return gathered.sum(1)
         g = gate.to(rows_out.dtype).index_select(0, unsort).view(num_out, 1, -1)
         return torch.bmm(g, gathered).view(num_out, -1)
     if gate is not None:

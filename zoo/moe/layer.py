@@ -201,7 +201,9 @@ class MoE(RoutedModule):
         else:
             kept = torch.ones_like(active)
             kept[active] = kept_active
-        probs = logits.float().softmax(-1)
+        # the probabilities carry a gradient only for the balance losses; otherwise they are stats
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.balance is not None and self.kind == "token"):
+            probs = logits.float().softmax(-1)
         self.aux_loss = self._aux(logits, probs, expert_index, weights, indices)
         self.last_routing = RoutingInfo(
             token_index=token_index.detach(), expert_index=expert_index.detach(),

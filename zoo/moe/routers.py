@@ -48,14 +48,16 @@ class TopKRouter(nn.Module):
         self.last_clean_logits = logits
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
-        probs = logits.float().softmax(-1)
+        scores = logits.float()
         if self.training and self.sample_train:
-            indices = torch.multinomial(probs.detach(), self.k, replacement=False)
-        else:
-            indices = probs.topk(self.k, dim=-1).indices
-        weights = probs.gather(-1, indices)
-        if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+            indices = torch.multinomial(scores.detach().softmax(-1), self.k, replacement=False)
+        else:  # softmax is monotone: the top-k logits are the top-k probabilities
+            indices = scores.topk(self.k, dim=-1).indices
+        top = scores.gather(-1, indices)  # [N, k]
+        if self.renormalize:  # p_i / sum_{j in top k} p_j = softmax over the k selected logits
+            weights = top.softmax(-1)
+        else:  # the raw softmax probability p_i = exp(l_i - logsumexp(l))
+            weights = (top - scores.logsumexp(-1, keepdim=True)).exp()
         return indices, weights.to(x.dtype), logits
 
 

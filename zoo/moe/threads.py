@@ -4,9 +4,10 @@ The experts of a sorted MoE layer are independent GEMM chains on disjoint rows. 
 another, each small GEMM is split across the intra-op (OpenMP) threads and pays a fork/join
 barrier per op; at a few hundred rows per expert that scales badly (``benchmarks/moe_layer.py``,
 1k tokens, d=256, h=1024, E=8, k=2, 2 threads: the expert GEMMs alone cost 1.14-1.27x the dense
-FFN's GEMMs run in order, 1.06-1.12x run side by side as here). Here the experts are split into one group per intra-op thread, balanced by rows
-(longest first), and each group runs on a worker thread that computes single-threaded; torch
-releases the GIL inside every op, so the groups really run at the same time.
+FFN's GEMMs run in order, 1.06-1.12x run side by side as here). Here one worker thread per
+intra-op thread computes single-threaded, and the experts are handed out longest first to
+whichever worker is free (:func:`run_groups`); torch releases the GIL inside every op, so the
+workers really run at the same time.
 
 Each expert is still computed by exactly one thread, so the result does not depend on how the
 experts were grouped or scheduled. It matches the in-order run up to float rounding (a GEMM
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -118,29 +119,43 @@ def expert_groups(spans: list, x: torch.Tensor, allowed: bool = True, row_cost: 
     return groups
 
 
-def _run_group(fn, group, grad: bool, inference: bool) -> None:
+def _run_queue(fn, queue, lock, grad: bool, inference: bool) -> None:
     # grad and inference mode are per thread: take the caller's
     with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        for item in group:
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return
             fn(*item)
 
 
 def run_groups(fn, groups: list[list]) -> None:
-    """``fn(*span)`` for every span of every group, the groups side by side on the pool.
-    Returns once every group has finished; the first error is raised after that.
+    """``fn(*span)`` for every span of every group, on one thread per group: the calling thread
+    and ``len(groups) - 1`` pool workers. Returns once every span has run; the first error is
+    raised after that.
+
+    The groups fix the number of threads; the spans themselves are handed out longest first to
+    whichever thread is free, so a thread whose core runs slower at the moment (another process,
+    a noisy neighbour on a VM) takes fewer experts instead of holding the others up. Which thread
+    runs an expert does not change its values: each expert is one single-threaded chain of ops.
+    The calling thread takes part instead of only waiting, which saves one thread wake-up per use.
 
     torch's intra-op thread count is one process-wide number, read by every op on every thread,
-    so it is 1 while the groups run (restored after): each worker computes single-threaded.
+    so it is 1 while the spans run (restored after): each thread computes single-threaded.
     Other threads of the process running torch ops at that moment also run single-threaded."""
     n = torch.get_num_threads()
-    pool = _executor(len(groups))
+    pool = _executor(len(groups) - 1) if len(groups) > 1 else None
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    queue = iter(sorted((s for g in groups for s in g), key=lambda s: s[-2] - s[-1]))
+    lock = threading.Lock()
     torch.set_num_threads(1)
     try:
-        futures = [pool.submit(_run_group, fn, g, grad, inference) for g in groups]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        if pending:  # an error: let the other groups finish before their buffers go away
-            wait(pending)
+        futures = [pool.submit(_run_queue, fn, queue, lock, grad, inference) for _ in groups[1:]] if pool else []
+        try:
+            _run_queue(fn, queue, lock, grad, inference)
+        finally:
+            wait(futures)  # after an error the others still run the rest: buffers stay valid
     finally:
         torch.set_num_threads(n)
     for f in futures:

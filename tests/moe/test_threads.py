@@ -155,6 +155,26 @@ def test_error_in_a_group_is_raised_after_all_finish(two_threads):
     assert torch.get_num_threads() == 2  # restored
 
 
+def test_a_slower_thread_takes_fewer_experts(two_threads):
+    """Experts go to whichever thread is free: here the calling thread is made slow (sleeps
+    release the GIL, as torch ops do), so the pool worker runs the rest while it is busy."""
+    import threading
+    import time
+
+    ran = []
+
+    def fn(j, e, lo, hi):
+        main = threading.current_thread() is threading.main_thread()
+        ran.append((e, main))
+        time.sleep(0.3 if main else 0.01)
+
+    spans = [(j, j, 10 * j, 10 * j + 10 - j) for j in range(6)]  # 10, 9, ..., 5 rows
+    threads.run_groups(fn, [spans[:3], spans[3:]])
+    assert sorted(e for e, _ in ran) == list(range(6))  # each expert exactly once
+    assert sum(main for _, main in ran) == 1  # the slow thread took one, the worker five
+    assert ran[0][0] == 0 or ran[1][0] == 0  # handed out longest first
+
+
 def test_forked_child_runs_its_own_pool(two_threads):
     import multiprocessing as mp
 

@@ -61,7 +61,9 @@ def combine_rows(rows_out: torch.Tensor, rows: torch.Tensor, unsort: torch.Tenso
     With ``unsort``, each token's k rows are gathered next to each other and reduced by one
     batched ``[1, k] @ [k, width]`` product, so no weighted copy of the rows is made."""
     if unsort is not None:
-        if gate is None:  # k gathers and adds: a sum over the middle of [num_out, k, width] is 2x slower
+        # k gathers and adds: a sum over the middle axis of [num_out, k, width] measured 2x slower
+        # (one-off microbenchmark, 1,024 tokens, k=2, width 256, 1 and 2 threads)
+        if gate is None:
             slots = unsort.view(num_out, -1)
             y = rows_out.index_select(0, slots[:, 0])
             for j in range(1, slots.shape[1]):

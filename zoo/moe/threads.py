@@ -3,11 +3,11 @@
 The experts of a sorted MoE layer are independent GEMM chains on disjoint rows. Run one after
 another, each small GEMM is split across the intra-op (OpenMP) threads and pays a fork/join
 barrier per op; at a few hundred rows per expert that scales badly (``benchmarks/moe_layer.py``,
-1k tokens, d=256, h=1024, E=8, k=2, 2 threads: the expert GEMMs alone cost 1.14-1.27x the dense
-FFN's GEMMs run in order, 1.06-1.12x run side by side as here). Here one worker thread per
-intra-op thread computes single-threaded, and the experts are handed out longest first to
-whichever worker is free (:func:`run_groups`); torch releases the GIL inside every op, so the
-workers really run at the same time.
+1k tokens, d=256, h=1024, E=8, k=2, 2 threads, ten runs in session 5: the expert GEMMs alone
+cost 1.15-1.24x the dense FFN's GEMMs run in order, 0.98-1.11x run side by side as here). Here
+one thread per intra-op thread (the calling thread and pool workers) computes single-threaded,
+and the experts are handed out longest first to whichever thread is free (:func:`run_groups`);
+torch releases the GIL inside every op, so the threads really run at the same time.
 
 Each expert is still computed by exactly one thread, so the result does not depend on how the
 experts were grouped or scheduled. It matches the in-order run up to float rounding (a GEMM

@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/moe_ops.py
 
 clean:
 	rm -rf runs .pytest_cache

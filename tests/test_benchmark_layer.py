@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,3 +23,19 @@ def test_layer_benchmark_prints_ratios():
     infer = [line.split("|") for line in text.split("inference (no grad)")[1].splitlines() if "|" in line][1:]
     assert [int(r[0]) for r in infer] == [1, 16, 256, 2048, 8192]
     assert all(float(r[-1]) > 0 for r in infer)
+
+
+def test_ops_benchmark_compares_equal_ops_and_prints_ratios():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import moe_ops
+    finally:
+        sys.path.pop(0)
+    for what, _, old, _, new in moe_ops.cases(rows=64):
+        a = old().clone()
+        torch.testing.assert_close(new().clone(), a, rtol=1e-4, atol=1e-3, msg=what)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_ops.py"), "--rows", "64", "--repeats", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ratios = re.findall(r"\| (\d+\.\d\d)$", out.stdout, re.M)
+    assert len(ratios) == 5 and all(float(r) > 0 for r in ratios)

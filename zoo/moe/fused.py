@@ -61,8 +61,8 @@ def combine_rows(rows_out: torch.Tensor, rows: torch.Tensor, unsort: torch.Tenso
     With ``unsort``, each token's k rows are gathered next to each other and reduced by one
     batched ``[1, k] @ [k, width]`` product, so no weighted copy of the rows is made."""
     if unsort is not None:
-        # k gathers and adds: a sum over the middle axis of [num_out, k, width] measured 2x slower
-        # (one-off microbenchmark, 1,024 tokens, k=2, width 256, 1 and 2 threads)
+        # k gathers and adds: 0.69-0.75x the time of one gather and a sum over the middle axis
+        # of [num_out, k, width] (1,024 tokens, k=2, width 256, 1 and 2 threads; benchmarks/moe_ops.py)
         if gate is None:
             slots = unsort.view(num_out, -1)
             y = rows_out.index_select(0, slots[:, 0])
@@ -161,6 +161,7 @@ class SortedExperts(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         grads = _grads_like(params, len(spans) == ctx.num_experts)
         gxs = grad_y.new_empty(num_rows, params[0].shape[1], dtype=ctx.x_dtype) if need_x else None
+        ones = grad_y.new_ones(max(hi - lo for _, lo, hi in spans)) if spans else None
 
         def expert(j, e, lo, hi):
             saved, xe = hidden[j], inputs[j]
@@ -170,10 +171,11 @@ class SortedExperts(torch.autograd.Function):
                 ge = grad_y[lo:hi]
             else:  # this expert's rows of the output gradient, times their gates
                 ge = grad_y.index_select(0, rows[lo:hi])
-                if grad_gate is not None:
-                    torch.bmm(ge.unsqueeze(1), out[lo:hi].unsqueeze(2), out=grad_gate[lo:hi].view(-1, 1, 1))
+                if grad_gate is not None:  # row dots: 0.81-0.95x a [rows,1,1] bmm (benchmarks/moe_ops.py)
+                    torch.linalg.vecdot(ge, out[lo:hi], out=grad_gate[lo:hi])
                 ge.mul_(g[lo:hi])
-            _expert_backward(kind, params, grads, saved, xe, ge, e, gxs[lo:hi] if need_x else None)
+            _expert_backward(kind, params, [grad[e] for grad in grads], saved, xe, ge, e,
+                             gxs[lo:hi] if need_x else None, ones)
 
         run_spans(expert, spans, grad_y, ctx.threaded, _row_cost(params))
         if free:
@@ -188,27 +190,36 @@ class SortedExperts(torch.autograd.Function):
 
 def _expert_forward(kind: str, params, xe: torch.Tensor, e: int, out: torch.Tensor) -> tuple:
     """Expert ``e`` on its rows ``xe``, written into ``out``; returns what backward needs."""
+    # the hidden layer's bias is added after the product instead of by addmm (which copies it
+    # into the output for the GEMM to read back): 0.97-0.99x the time (benchmarks/moe_ops.py)
     if kind == "swiglu":
         w1, b1, w3, b3 = params[:4]
-        p1, p3 = torch.addmm(b1[e], xe, w1[e]), torch.addmm(b3[e], xe, w3[e])
+        p1, p3 = torch.mm(xe, w1[e]).add_(b1[e]), torch.mm(xe, w3[e]).add_(b3[e])
         h = p1 * F.silu(p3)
         saved = (p1, p3, h)
     else:
         w1, b1 = params[:2]
-        pre = torch.addmm(b1[e], xe, w1[e])
+        pre = torch.mm(xe, w1[e]).add_(b1[e])
         h = _FORWARD[kind[4:]](pre)
         saved = (pre, h)
     torch.addmm(params[-1][e], h, params[-2][e], out=out)
     return saved
 
 
-def _expert_backward(kind: str, params, grads, saved: tuple, xe, ge, e: int, gx) -> None:
-    """Expert ``e``'s weight gradients into their slots of ``grads`` and, when ``gx`` is given,
-    its input gradient into ``gx``, from the output gradient ``ge`` of its rows ``xe``."""
+def _expert_backward(kind: str, params, grads, saved: tuple, xe, ge, e: int, gx, ones) -> None:
+    """Expert ``e``'s weight gradients into ``grads`` (one tensor per parameter, shaped like
+    ``params[i][e]``) and, when ``gx`` is given, its input gradient into ``gx``, from the output
+    gradient ``ge`` of its rows ``xe``.
+
+    The bias gradients (column sums) are matrix-vector products with ``ones`` (at least as many
+    ones as rows): ``g.t() @ 1`` took 0.57-0.69x the time of ``sum(g, 0)`` for the hidden layer's
+    [rows, 1024] and 0.88-1.06x for the output's [rows, 256] at 256-1,024 rows, one thread
+    (``benchmarks/moe_ops.py``)."""
     h = saved[-1]
     gw2, gb2 = grads[-2:]
-    torch.mm(h.t(), ge, out=gw2[e])
-    torch.sum(ge, 0, out=gb2[e])
+    ones = ones[:ge.shape[0]]
+    torch.mm(h.t(), ge, out=gw2)
+    torch.mv(ge.t(), ones, out=gb2)
     gh = torch.mm(ge, params[-2][e].t())  # [count_e, hidden]
     if kind == "swiglu":
         p1, p3, _ = saved
@@ -219,8 +230,8 @@ def _expert_backward(kind: str, params, grads, saved: tuple, xe, ge, e: int, gx)
         pre, _ = saved
         pairs = ((_act_backward(kind[4:], gh, pre, h), 0),)
     for n, (gp, i) in enumerate(pairs):
-        torch.mm(xe.t(), gp, out=grads[i][e])
-        torch.sum(gp, 0, out=grads[i + 1][e])
+        torch.mm(xe.t(), gp, out=grads[i])
+        torch.mv(gp.t(), ones, out=grads[i + 1])
         if gx is not None:
             if n == 0:
                 torch.mm(gp, params[i][e].t(), out=gx)

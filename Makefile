@@ -24,6 +24,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/moe_ops.py
+	$(PY) benchmarks/moe_small.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -39,3 +39,18 @@ def test_ops_benchmark_compares_equal_ops_and_prints_ratios():
     assert out.returncode == 0, out.stderr[-2000:]
     ratios = re.findall(r"\| (\d+\.\d\d)$", out.stdout, re.M)
     assert len(ratios) == 5 and all(float(r) > 0 for r in ratios)
+
+
+def test_small_layer_benchmark_prints_every_arm():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_small.py"), "--sizes", "16x32x64",
+                          "--skew", "0", "2", "--repeats", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.strip().startswith("16x32x64")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")]
+        assert float(cells[2]) >= 1.0  # the padded path's rows over the real ones
+        assert len(re.findall(r"\(([\d.]+)x\)", row)) == 3 and float(cells[-1]) > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_small.py"), "--sizes", "64x256"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "DIMxHIDDENxTOKENS" in bad.stderr

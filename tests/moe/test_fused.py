@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from zoo.moe import MoE
-from zoo.moe.experts import MLPExperts, SwiGLUExperts
+from zoo.moe.experts import BatchedExperts, MLPExperts, SwiGLUExperts
 from zoo.moe.fused import can_fuse
+
+
+@pytest.fixture(autouse=True)
+def per_expert_paths(monkeypatch):
+    """Both sides take the per-expert paths even if small layers are ever padded by default
+    (``BatchedExperts.pad_small_work``)."""
+    monkeypatch.setattr(BatchedExperts, "pad_small_work", 0)
 
 
 def _pair(**kw):

@@ -419,16 +419,34 @@ def test_keep_experts_slices_every_batched_weight():
         moe.experts.keep_experts(1, 3)
 
 
-@pytest.mark.parametrize("pad_limit", [0.0, 100.0])
-def test_padded_and_sliced_expert_paths_agree_in_values_and_gradients(pad_limit):
-    """forward_grouped runs balanced routing as one padded bmm and skewed routing slice by slice;
-    both must give the naive loop's outputs and gradients (pad_limit 0 forces slices, 100 pads)."""
+def _node_names(y):
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            stack += [n for n, _ in f.next_functions]
+    return {type(f).__name__ for f in seen}
+
+
+@pytest.mark.parametrize("path", ["fused", "slices", "padded_balanced", "padded_small"])
+def test_padded_and_sliced_expert_paths_agree_in_values_and_gradients(path):
+    """Training runs the experts as the fused per-expert node, as per-expert autograd slices, or
+    as one padded bmm (balanced routing within ``pad_limit``, or a layer under ``pad_small_work``
+    multiply-adds); each must give the naive loop's outputs and gradients, and each path must
+    really be the one taken."""
     torch.manual_seed(4)
     for expert in ("mlp", "swiglu"):
         moe = MoE(16, 24, num_experts=5, k=2, expert=expert)
-        moe.experts.pad_limit = pad_limit
+        ex = moe.experts
+        ex.pad_small_work = 1 << 26 if path == "padded_small" else 0
+        ex.pad_limit = 100.0 if path == "padded_balanced" else 0.0
+        ex.fused = path == "fused"
         x = torch.randn(37, 16, requires_grad=True)
         y = moe(x)
+        names = _node_names(y)
+        assert ("BaddbmmBackward0" in names) == path.startswith("padded"), names
+        assert ("SortedExpertsBackward" in names) == (path == "fused"), names
         xr = x.detach().clone().requires_grad_(True)
         ref = naive_moe(moe, xr)
         torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
@@ -440,3 +458,25 @@ def test_padded_and_sliced_expert_paths_agree_in_values_and_gradients(pad_limit)
         for got, p in zip(grads, moe.experts.parameters()):
             torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_small_layers_pad_in_training_only_and_large_ones_do_not():
+    """``pad_small_work`` (off by default): a small layer trains through one padded bmm; the same
+    layer in inference, and a layer above the threshold, run per expert."""
+    torch.manual_seed(0)
+    small, large = MoE(16, 32, num_experts=4, k=2), MoE(64, 256, num_experts=4, k=2)
+    assert small.experts.pad_small_work == 0 and not small.experts.padded([10, 0, 5, 3])
+    small.experts.pad_small_work = large.experts.pad_small_work = 1 << 26
+    x_small, x_large = torch.randn(64, 16, requires_grad=True), torch.randn(4096, 64, requires_grad=True)
+    assert small.experts.row_macs() == 2 * 16 * 32
+    assert "BaddbmmBackward0" in _node_names(small(x_small))
+    # E x max count x row_macs >= 4 x 2048 x 32768 = 2^28 > 2^26: per expert (the fused node)
+    names = _node_names(large(x_large))
+    assert "BaddbmmBackward0" not in names and "SortedExpertsBackward" in names
+    assert small.experts.padded([10, 0, 5, 3])
+    with torch.no_grad():
+        assert not small.experts.padded([10, 0, 5, 3])
+        y0 = small(x_small)
+    small.experts.pad_small_work = 0
+    assert not small.experts.padded([10, 0, 5, 3])
+    torch.testing.assert_close(small(x_small).detach(), y0, rtol=1e-5, atol=1e-6)

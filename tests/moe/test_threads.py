@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import zoo.moe.threads as threads
 from zoo.moe import MoE
+from zoo.moe.experts import BatchedExperts
 
 
 @pytest.fixture
@@ -13,6 +14,7 @@ def two_threads(monkeypatch):
     """Two intra-op threads, and the work threshold off: these layers are small so the tests are
     fast, and would otherwise (rightly) run their experts in order."""
     monkeypatch.setattr(threads, "MIN_WORK", 0)
+    monkeypatch.setattr(BatchedExperts, "pad_small_work", 0)  # nor pad, should that become the default
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     yield

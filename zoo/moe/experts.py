@@ -75,6 +75,15 @@ class BatchedExperts(nn.Module):
     #: 1k/8k/32k tokens); set e.g. 1.25 to try it where one batched GEMM pays (accelerators).
     pad_limit: float = 0.0
 
+    #: in training, run small layers as one padded ``bmm`` whatever the balance: when E x (the
+    #: busiest expert's rows) x (multiply-adds per row) is at most this. There the per-expert
+    #: ops' fixed costs outweigh the padded rows' work (``benchmarks/moe_small.py``, E=8, k=2:
+    #: padded / fused time 0.58-0.79 at 32x128x256 and 64x256x512 with up to 1.55x padding,
+    #: 0.83-1.48 at 2^27 multiply-adds and more). Off (0) by default; ``1 << 26`` is where it
+    #: paid in every measured case. Same values up to float rounding, which is enough to send a
+    #: chaotic training run elsewhere (tests/moe's piecewise fit, see the README).
+    pad_small_work: int = 0
+
     #: run sorted tokens through :class:`zoo.moe.fused.SortedExperts` (one autograd node with
     #: explicit GEMMs into shared buffers) where the expert type allows; False forces the
     #: autograd version (same values; needed only for double backward)
@@ -93,12 +102,27 @@ class BatchedExperts(nn.Module):
         position of each assignment in token-major order; the sum is then a gather instead
         of a scatter-add.
         """
-        kind = can_fuse(self, x)
+        counts_l = counts.tolist()
+        kind = None if self.padded(counts_l) else can_fuse(self, x)
         if kind is not None:
-            return SortedExperts.apply(x, rows, gate, x.shape[0], unsort, counts.tolist(), kind, self.threaded,
+            return SortedExperts.apply(x, rows, gate, x.shape[0], unsort, counts_l, kind, self.threaded,
                                        *expert_params(self, kind))
         out = self.forward_grouped(x, rows, expert_index, counts)
         return combine_rows(out, rows, unsort, x.shape[0], gate)
+
+    def row_macs(self) -> int:
+        """Multiply-adds of one row through one expert (its weight matrices)."""
+        return sum(p[0].numel() for p in self.parameters() if p.dim() == 3)
+
+    def padded(self, counts: list[int]) -> bool:
+        """Whether training runs these per-expert row counts as one zero-padded batched GEMM
+        (:attr:`pad_limit`, :attr:`pad_small_work`). Inference never pads: FLOP counts and
+        timings see only the routed rows."""
+        a = sum(counts)
+        if a == 0 or not torch.is_grad_enabled():
+            return False
+        rows = max(counts) * self.num_experts
+        return rows <= self.pad_limit * a or rows * self.row_macs() <= self.pad_small_work
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # defined by every subclass
         raise TypeError(f"{type(self).__name__} must define forward_expert(e, x) and forward_batched(x)")
@@ -108,19 +132,19 @@ class BatchedExperts(nn.Module):
         """Experts on ``x[rows]``, assignments already sorted by expert -> [A, out] in that order.
 
         rows, expert_index: [A] (expert_index non-decreasing); counts: [E] rows per expert.
-        Balanced routing runs one ``forward_batched`` on a zero-padded ``[E, max count, dim]``
-        buffer: a single batched GEMM per layer whose weight gradients come out already stacked,
-        instead of E small GEMMs, a concatenation of their outputs and a stack of E gradients
-        (the padded rows are never read back, so they add nothing to any gradient). Skewed
-        routing, where padding would waste more than ``pad_limit``, and inference (no grad) use
-        the per-expert slices.
+        Where :meth:`padded` says so (balanced routing within ``pad_limit``, or a small layer),
+        training runs one ``forward_batched`` on a zero-padded ``[E, max count, dim]`` buffer: a
+        single batched GEMM per layer whose weight gradients come out already stacked, instead of
+        E small GEMMs, a concatenation of their outputs and a stack of E gradients (the padded
+        rows are never read back, so they add nothing to any gradient). Otherwise, and always in
+        inference (no grad), the per-expert slices.
         """
         counts_l = counts.tolist()
         a, c = rows.numel(), max(counts_l, default=0)
         if a == 0:
             return x.new_zeros(0, self.out_dim)
         # inference keeps the exact per-expert slices: no padded rows in FLOP counts or time
-        if c * self.num_experts > self.pad_limit * a or not torch.is_grad_enabled():
+        if not self.padded(counts_l):
             return self.forward_sorted(x.index_select(0, rows), counts_l)
         starts = torch.cumsum(counts, 0) - counts
         slot = expert_index * c + (torch.arange(a, device=x.device) - starts[expert_index])  # [A]

@@ -362,19 +362,27 @@ class Regressor(nn.Module):
 
 
 def test_moe_fits_a_piecewise_function_better_than_its_dense_twin():
-    torch.manual_seed(0)
+    """Four regions, four Switch experts (top-1, gate = the router's probability, so the router
+    learns from the task loss and can give each region its expert), against the dense FFN of
+    equal active parameters, on three seeds: the MoE must win on each and by a wide margin on
+    the median. (Top-1 with renormalised gates has a constant gate of 1: its router learns only
+    from the balance loss, and it won on 1 seed of 3, a result float rounding could flip.)"""
     x, y = piecewise_data(1024, seed=0)
     xt, yt = piecewise_data(1024, seed=1)
-    moe = MoE(16, 32, num_experts=4, k=1)
-    dense = DenseFFN(16, dense_twin_hidden(moe))
-    torch.manual_seed(0)
-    m = fit(Regressor(moe), x, y)
-    torch.manual_seed(0)
-    d = fit(Regressor(dense), x, y)
-    with torch.no_grad():
-        err_moe = nn.functional.mse_loss(m(xt), yt).item()
-        err_dense = nn.functional.mse_loss(d(xt), yt).item()
-    assert err_moe < 0.7 * err_dense, (err_moe, err_dense)
+    errs = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        moe = MoE(16, 32, num_experts=4, k=1, router="switch")
+        dense = DenseFFN(16, dense_twin_hidden(moe))
+        torch.manual_seed(seed)
+        m = fit(Regressor(moe), x, y)
+        torch.manual_seed(seed)
+        d = fit(Regressor(dense), x, y)
+        with torch.no_grad():
+            errs.append((nn.functional.mse_loss(m(xt), yt).item(), nn.functional.mse_loss(d(xt), yt).item()))
+    assert all(e_moe < e_dense for e_moe, e_dense in errs), errs
+    median = sorted(errs)[1][0], sorted(e for _, e in errs)[1]
+    assert median[0] < 0.5 * median[1], errs
 
 
 def test_dense_twin_hidden_from_a_parameter_count():

@@ -79,9 +79,9 @@ class BatchedExperts(nn.Module):
     #: busiest expert's rows) x (multiply-adds per row) is at most this. There the per-expert
     #: ops' fixed costs outweigh the padded rows' work (``benchmarks/moe_small.py``, E=8, k=2:
     #: padded / fused time 0.58-0.79 at 32x128x256 and 64x256x512 with up to 1.55x padding,
-    #: 0.83-1.48 at 2^27 multiply-adds and more). Off (0) by default; ``1 << 26`` is where it
-    #: paid in every measured case. Same values up to float rounding, which is enough to send a
-    #: chaotic training run elsewhere (tests/moe's piecewise fit, see the README).
+    #: 0.83-1.48 at 2^27 multiply-adds and more). Off (0) by default, so published seeded
+    #: results stay reproducible; ``1 << 26`` is where it paid in every measured case. Same
+    #: values up to float rounding, which a seeded training run can amplify (see the README).
     pad_small_work: int = 0
 
     #: run sorted tokens through :class:`zoo.moe.fused.SortedExperts` (one autograd node with

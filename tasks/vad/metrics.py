@@ -4,18 +4,22 @@ Snippet scores are repeated over the frames of their snippet (16 frames per I3D 
 test videos are concatenated, and the frame labels are scored with
 
 - ``auc``: frame-level ROC-AUC over every test video (UCF-Crime's headline number),
-- ``ap``: average precision over every test video (XD-Violence's headline number),
-- ``auc_a`` / ``ap_a``: the same on the anomalous test videos only (Wu et al. 2020's AUC_A),
+- ``ap``: the area under the frame-level precision-recall curve by the trapezoid rule,
+  ``sklearn.metrics.auc(recall, precision)`` over ``precision_recall_curve`` -- what the
+  evaluation code of RTFM, UR-DMU and XD-Violence reports as AP (XD-Violence's headline number),
+- ``ap_step``: step-wise average precision (``sklearn.metrics.average_precision_score``), which
+  is lower than ``ap`` whenever the curve has gaps; kept for comparison with other fields,
+- ``auc_a`` / ``ap_a``: ``auc`` / ``ap`` on the anomalous test videos only (Wu et al. 2020's AUC_A),
 - ``auc/<class>``: ROC-AUC on the normal videos plus the videos of one anomaly class.
 
-AUC/AP come from torchmetrics (``binary_auroc``, ``binary_average_precision``: AP is the
-step-wise sum of precision x recall increments, as ``sklearn.metrics.average_precision_score``).
+ROC-AUC comes from torchmetrics (``binary_auroc``, equal to ``auc(roc_curve)``); ``ap`` and
+``ap_step`` from scikit-learn, on CPU, so they are the releases' numbers to the last digit.
 """
 from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+from torchmetrics.functional.classification import binary_auroc
 
 
 def frame_scores(snippet_scores: torch.Tensor, num_frames: int,
@@ -33,15 +37,23 @@ def _auc(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return binary_auroc(scores, target)
 
 
-def _ap(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _ap(scores: torch.Tensor, target: torch.Tensor, stepwise: bool = False) -> torch.Tensor:
+    """The field's AP: trapezoid area under the precision-recall curve (``stepwise``: the
+    step-wise average precision instead)."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve
+
     if target.numel() == 0 or target.max() == 0:
         return torch.tensor(float("nan"))
-    return binary_average_precision(scores, target)
+    y, s = target.cpu().numpy(), scores.detach().double().cpu().numpy()
+    if stepwise:
+        return torch.tensor(float(average_precision_score(y, s)))
+    precision, recall, _ = precision_recall_curve(y, s)
+    return torch.tensor(float(auc(recall, precision)))
 
 
 class FrameVADMetrics(Metric):
     """Accumulates per-video snippet scores and frame labels; ``compute`` returns a dict of
-    ``auc``, ``ap``, ``auc_a``, ``ap_a`` and ``auc/<class>`` for every class seen.
+    ``auc``, ``ap``, ``ap_step``, ``auc_a``, ``ap_a`` and ``auc/<class>`` for every class seen.
 
     Under a distributed strategy every state is gathered from all ranks before computing, so
     the numbers cover every rank's videos. A ``DistributedSampler`` pads the test set by
@@ -88,7 +100,8 @@ class FrameVADMetrics(Metric):
             keep[torch.nonzero(named).flatten()[first]] = True
             s, y, c = s[keep], y[keep], c[keep]
         anom = c >= 0
-        out = {"auc": _auc(s, y), "ap": _ap(s, y), "auc_a": _auc(s[anom], y[anom]),
+        out = {"auc": _auc(s, y), "ap": _ap(s, y), "ap_step": _ap(s, y, stepwise=True),
+               "auc_a": _auc(s[anom], y[anom]),
                "ap_a": _ap(s[anom], y[anom])}
         for k in sorted(set(c[anom].tolist())):
             name = self.class_names[k] if k < len(self.class_names) else str(k)

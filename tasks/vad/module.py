@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from zoo.module import ZooModule
 
@@ -45,6 +46,31 @@ def group_classes(prototypes: np.ndarray, num_groups: int, seed: int = 0) -> lis
     # relabel clusters by first appearance so the mapping is stable
     order = {c: i for i, c in enumerate(dict.fromkeys(labels.tolist()))}
     return [order[c] for c in labels.tolist()]
+
+
+def schedule_warning(stages: dict, max_epochs: int | None, joint: bool = False) -> str | None:
+    """The message for a ``trainer.max_epochs`` that cuts the stage schedule short (None = it
+    does not): names the stages that will not run, or run short, and the two ways to fix it."""
+    if joint or max_epochs is None or max_epochs < 0:
+        return None
+    end, cut = 0, []
+    for name in STAGES:
+        n = int(stages.get(name, 0))
+        if n <= 0:
+            continue
+        if max_epochs <= end:
+            cut.append(f"{name} ({n} epochs: not run)")
+        elif max_epochs < end + n:
+            cut.append(f"{name} ({n} epochs: only {max_epochs - end} run)")
+        end += n
+    if not cut:
+        return None
+    sched = ", ".join(f"{k}: {v}" for k, v in stages.items() if int(v) > 0)
+    return (f"trainer.max_epochs={max_epochs} is shorter than the stage schedule "
+            f"model.stages={{{sched}}} ({end} epochs): {'; '.join(cut)}. The model tested "
+            f"would not be the configured pipeline. Set --trainer.max_epochs {end}, or shorten "
+            f"the stages to fit, e.g. --model.stages '{{encoder: 1, tgs: 1, experts: 1, gate: 1}}' "
+            f"--trainer.max_epochs 4.")
 
 
 class VADModule(ZooModule):
@@ -194,6 +220,14 @@ class VADModule(ZooModule):
         """Drop the gradients of the parts the current stage freezes (after DDP's all-reduce)."""
         for p in getattr(self, "_frozen", []):
             p.grad = None
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        trainer = self.trainer
+        msg = None if trainer.fast_dev_run else schedule_warning(
+            self.hparams.stages, trainer.max_epochs, self.hparams.joint)
+        if msg:
+            rank_zero_warn("\n" + "!" * 88 + "\n" + msg + "\n" + "!" * 88, category=UserWarning)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()

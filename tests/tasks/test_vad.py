@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 from tasks.vad.data import (BalancedBatchSampler, VADDataModule, class_from_name,
                             load_kdd_tsad_clips, make_synthetic_split, make_world, pool_segments,
@@ -261,10 +261,14 @@ def test_metrics_match_sklearn():
     s, y, c = map(np.concatenate, (all_s, all_y, vids))
     out = met.compute()
     assert float(out["auc"]) == pytest.approx(roc_auc_score(y, s), abs=1e-6)
-    assert float(out["ap"]) == pytest.approx(average_precision_score(y, s), abs=1e-6)
+    # AP as RTFM / UR-DMU / XD-Violence compute it: trapezoid area under the PR curve
+    pr_auc = lambda yy, ss: auc(*precision_recall_curve(yy, ss)[1::-1])  # noqa: E731
+    assert float(out["ap"]) == pytest.approx(pr_auc(y, s), abs=1e-7)
+    assert float(out["ap_step"]) == pytest.approx(average_precision_score(y, s), abs=1e-7)
+    assert abs(float(out["ap"]) - float(out["ap_step"])) > 1e-3  # the two rules differ here
     a = c >= 0
     assert float(out["auc_a"]) == pytest.approx(roc_auc_score(y[a], s[a]), abs=1e-6)
-    assert float(out["ap_a"]) == pytest.approx(average_precision_score(y[a], s[a]), abs=1e-6)
+    assert float(out["ap_a"]) == pytest.approx(pr_auc(y[a], s[a]), abs=1e-7)
     sel = (c == -1) | (c == 1)
     assert float(out["auc/B"]) == pytest.approx(roc_auc_score(y[sel], s[sel]), abs=1e-6)
     dedup = padded.compute()

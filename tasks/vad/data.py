@@ -8,19 +8,10 @@ Three sources, one representation (:class:`Video`: snippet features ``[T, C]`` o
    one anomaly class, each class with its own feature signature and temporal profile
    (short burst, long ramp-up drift, periodic pulses). Difficulty, number of classes, lengths and
    feature width are keys of :class:`VADDataModule`.
-2. The field's format (``root: DIR``), as UCF-Crime / XD-Violence feature releases used by
-   RTFM (Tian et al. 2021) and UR-DMU (Zhou et al. 2023)::
-
-       DIR/train.list        one .npy path per line, relative to DIR
-       DIR/test.list
-       DIR/<video>.npy       [T, C] or [crops, T, C] I3D-style snippet features (16 frames each)
-       DIR/gt.npy            frame labels of the test videos concatenated in test.list order
-                             (T * 16 frames per video)  -- or --
-       DIR/annotations.txt   "video class start1 end1 [start2 end2 ...]" in frames, -1 = none
-
-   The class of a video comes from its file name: the leading letters for UCF-Crime names
-   (``Abuse028_x264.npy`` -> ``Abuse``, ``Normal_Videos_003_x264.npy`` -> normal) or the tag
-   after ``_label_`` for XD-Violence names (``..._label_B1-0-0`` -> ``B1``, ``_label_A`` -> normal).
+2. A feature release as downloaded (``root: DIR``): RTFM's 10-crop ``[T, 10, C]`` files, UR-DMU's
+   and XD-Violence's one-file-per-crop ``<video>__<i>.npy``, or plain ``[T, C]`` files, with their
+   list files and the frame labels or annotation text they ship (:mod:`tasks.vad.formats`,
+   :func:`read_feature_folder`). Classes come from the UCF-Crime / XD-Violence file names.
 3. A real signal (``source: kdd_tsad_135``, extra ``[vad-real]``): the UCR/KDD-2021 anomaly
    series that ``aeon`` ships, cut into clips with clip-level labels only (:func:`load_kdd_tsad_clips`).
 
@@ -30,7 +21,6 @@ videos batch together, and every batch holds as many normal as anomalous videos.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +31,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from zoo.data import CheckpointedShuffle
 
-FRAMES_PER_SNIPPET = 16
-NORMAL = "Normal"
+from .formats import (ANOMALY, FRAMES_PER_SNIPPET, NORMAL, FeatureFiles, _Index,  # noqa: F401
+                      check_consistent, choose_crop_axis, class_from_name, find_file, fit_mask,
+                      group_videos, read_annotations, read_frame_labels_npy, read_list, video_key)
+
 PROFILES = ("burst", "drift", "periodic")
 
 
@@ -51,9 +43,19 @@ class Video:
     """One video as snippet features plus its weak (video-level) and frame-level labels."""
 
     name: str
-    features: np.ndarray            # [T, C] or [crops, T, C] float32
-    class_name: str                 # NORMAL or an anomaly class
+    data: np.ndarray | FeatureFiles  # [T, C] or [crops, T, C] float32, or the files holding it
+    class_name: str                  # NORMAL or an anomaly class (the first tag of an XD name)
     frame_gt: np.ndarray | None = None  # [T * frames_per_snippet] {0,1}, test videos only
+    tags: tuple = ()                 # every tag of a multi-label XD-Violence name
+
+    @property
+    def features(self) -> np.ndarray:
+        """[T, C] or [crops, T, C] float32 (read from disk each time for a feature folder)."""
+        return self.data if isinstance(self.data, np.ndarray) else self.data.load()
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
 
     @property
     def label(self) -> int:
@@ -61,11 +63,11 @@ class Video:
 
     @property
     def num_snippets(self) -> int:
-        return self.features.shape[-2]
+        return self.shape[-2]
 
     @property
     def feature_dim(self) -> int:
-        return self.features.shape[-1]
+        return self.shape[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,179 +195,141 @@ def make_synthetic_split(world: SyntheticWorld, num_normal: int, num_anomalous: 
 
 
 # --------------------------------------------------------------------------------------------
-# Readers of the field's formats
+# The releases' feature folders (layouts and label files: formats.py)
 # --------------------------------------------------------------------------------------------
-def class_from_name(name: str) -> str:
-    """Video class from a UCF-Crime or XD-Violence style file name (see module docstring)."""
-    stem = Path(name).name
-    for suffix in (".npy", ".mp4", ".avi"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    if "_label_" in stem:  # XD-Violence: "..._label_B1-0-0", label A = normal
-        tag = stem.split("_label_")[-1].split("-")[0]
-        return NORMAL if tag == "A" else tag
-    if "normal" in stem.lower():
-        return NORMAL
-    m = re.match(r"[A-Za-z]+", stem)
-    if m is None:
-        raise ValueError(f"cannot read a class from the file name {name!r}: expected a leading "
-                         f"class name such as 'Abuse028_x264.npy' or an XD-style '_label_B1'")
-    return m.group(0)
-
-
-def video_key(name: str) -> str:
-    """Name used to match list entries with annotation lines: the stem without feature suffixes."""
-    stem = Path(name).name
-    for suffix in (".npy", ".mp4", ".avi"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    return re.sub(r"(_i3d|__\d+)$", "", stem)
-
-
-def read_list(list_path: Path) -> list[Path]:
-    """Feature paths of a list file (relative to the list's folder, or absolute)."""
-    if not list_path.is_file():
-        raise FileNotFoundError(f"list file not found: {list_path}")
-    root = list_path.parent
-    paths = []
-    for n, line in enumerate(list_path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        p = Path(line.split()[0])
-        p = p if p.is_absolute() else root / p
-        if not p.is_file():
-            raise FileNotFoundError(f"{list_path}:{n}: feature file not found: {p}")
-        paths.append(p)
-    if not paths:
-        raise ValueError(f"{list_path}: the list names no feature files")
-    return paths
-
-
-def load_features(path: Path, feature_dim: int | None = None) -> np.ndarray:
-    """A feature file as float32 [T, C] or [crops, T, C], validated."""
-    try:
-        x = np.load(path, allow_pickle=False)
-    except Exception as err:  # numpy raises several types for a corrupt file
-        raise ValueError(f"{path}: not a readable .npy array ({err})") from None
-    if x.ndim not in (2, 3):
-        raise ValueError(f"{path}: features must be [T, C] or [crops, T, C], got shape {x.shape}")
-    if x.shape[-2] < 1:
-        raise ValueError(f"{path}: features have no snippets (shape {x.shape})")
-    if not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"{path}: features must be numeric, got dtype {x.dtype}")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{path}: features contain NaN or inf")
-    if feature_dim is not None and x.shape[-1] != feature_dim:
-        raise ValueError(f"{path}: feature width {x.shape[-1]} differs from {feature_dim} "
-                         f"of the other videos")
-    return x
-
-
-def read_annotations(path: Path) -> dict[str, tuple[str, list[tuple[int, int]]]]:
-    """Temporal annotations ``video class s1 e1 [s2 e2 ...]`` (frames, inclusive, -1 = none).
-
-    The class column may be left out (XD-Violence style ``video s1 e1 ...``).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    out = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        name, rest = parts[0], parts[1:]
-        cls = None
-        if rest and not re.fullmatch(r"-?\d+", rest[0]):
-            cls, rest = rest[0], rest[1:]
-        try:
-            nums = [int(v) for v in rest]
-        except ValueError:
-            raise ValueError(f"{path}:{n}: expected 'video class start end [start end ...]' "
-                             f"with integer frames, got {line!r}") from None
-        if len(nums) % 2:
-            raise ValueError(f"{path}:{n}: odd number of frame bounds in {line!r}")
-        spans = [(s, e) for s, e in zip(nums[::2], nums[1::2]) if s >= 0 and e >= 0]
-        for s, e in spans:
-            if e < s:
-                raise ValueError(f"{path}:{n}: event end {e} is before its start {s}")
-        out[video_key(name)] = (cls or class_from_name(name), spans)
-    return out
-
-
 def _check_class(cls: str, classes: list[str], where: str) -> None:
     if cls != NORMAL and cls not in classes:
         raise ValueError(f"{where}: unknown class {cls!r}; known classes are {classes} "
                          f"(set data.classes to declare them)")
 
 
-def read_feature_folder(root: str | Path, train_list: str = "train.list",
-                        test_list: str = "test.list", gt: str = "gt.npy",
-                        annotations: str = "annotations.txt", classes: list[str] | None = None,
-                        frames_per_snippet: int = FRAMES_PER_SNIPPET):
-    """Read the plug-in layout; returns (train videos, test videos, class names)."""
+def _frame_truth(root: Path, test: list[Video], files: dict, crop_note: str) -> None:
+    """Attach ``frame_gt`` ([T * 16] in {0, 1}) to every test video from the one label source
+    found: concatenated frame labels, per-video frame masks, or an annotation text file."""
+    fps = FRAMES_PER_SNIPPET
+    if files["gt"] is not None:
+        labels = read_frame_labels_npy(files["gt"])
+        need = sum(v.num_snippets * fps for v in test)
+        if labels.shape[0] != need:
+            raise ValueError(f"{files['gt']}: has {labels.shape[0]} frame labels but the videos "
+                             f"of {files['test_list']} need {need} ({fps} frames per snippet, "
+                             f"concatenated in list order{crop_note})")
+        start = 0
+        for v in test:
+            n = v.num_snippets * fps
+            v.frame_gt = labels[start:start + n]
+            start += n
+        return
+    if files["frame_masks"] is not None:
+        folder = files["frame_masks"]
+        for v in test:
+            n = v.num_snippets * fps
+            mask_path = folder / f"{v.name}.npy"
+            if mask_path.is_file():
+                v.frame_gt = fit_mask(read_frame_labels_npy(mask_path), n, mask_path)
+            elif v.class_name not in (None, NORMAL):
+                raise ValueError(f"{folder}: no frame mask {v.name}.npy for the anomalous test "
+                                 f"video {v.name!r}")
+            else:
+                v.frame_gt = np.zeros(n, np.uint8)
+        return
+    if files["annotations"] is None:
+        raise FileNotFoundError(
+            f"{root}: need frame ground truth for the test videos: concatenated frame labels "
+            f"(gt.npy, gt-ucf.npy, gt-sh.npy, xd_gt.npy), a folder of per-video masks "
+            f"(test_frame_mask/) or annotations.txt (UCF-Crime / UR-DMU / XD-Violence text), in "
+            f"DIR, DIR/list or DIR/frame_label, or named by data.gt / data.frame_masks / "
+            f"data.annotations")
+    ann_path = files["annotations"]
+    ann = read_annotations(ann_path)
+    by_name = {v.name: v for v in test}
+    for key, a in ann.items():
+        if key not in by_name:
+            raise ValueError(f"{a.where}: names video {key!r}, which is not in "
+                             f"{files['test_list']}")
+    for v in test:
+        n = v.num_snippets * fps
+        v.frame_gt = np.zeros(n, dtype=np.uint8)
+        a = ann.get(v.name)
+        if a is None:
+            if v.class_name not in (None, NORMAL):
+                raise ValueError(f"{ann_path}: no annotation line for anomalous test video "
+                                 f"{v.name!r}")
+            continue
+        for s, e, written in a.spans:
+            if s >= n:
+                raise ValueError(f"{a.where}: event {s}-{written} of {v.name!r} starts after the "
+                                 f"video's {n} frames ({v.num_snippets} snippets x {fps}); "
+                                 f"features and annotation disagree")
+            v.frame_gt[s:min(e, n)] = 1
+
+
+def read_feature_folder(root: str | Path, train_list: str | None = None,
+                        test_list: str | None = None, gt: str | None = None,
+                        annotations: str | None = None, frame_masks: str | None = None,
+                        classes: list[str] | None = None, crop_axis: int | None = None,
+                        anomalous_first: int | None = None):
+    """Read a release's feature folder (``formats.py``); returns (train, test, class names).
+
+    Every file name of the releases is found by itself (``formats.KNOWN``); each key names a
+    file relative to ``root`` instead. Nothing is returned unless every file is valid.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root is not a folder: {root}")
-    train_paths = read_list(root / train_list)
-    test_paths = read_list(root / test_list)
-    train, dim = [], None
-    for p in train_paths:
-        x = load_features(p, dim)
-        dim = x.shape[-1]
-        train.append(Video(video_key(p.name), x, class_from_name(p.name)))
+    files = {"train_list": find_file(root, train_list, "train_list", True),
+             "test_list": find_file(root, test_list, "test_list", True)}
+    for key, given in (("gt", gt), ("frame_masks", frame_masks), ("annotations", annotations)):
+        files[key] = find_file(root, given, key, False)
+    explicit = {"gt": gt, "frame_masks": frame_masks, "annotations": annotations}
+    found = [k for k in explicit if files[k] is not None]
+    keep = [k for k in found if explicit[k] is not None] or found[:1]  # named ones, else the
+    files.update({k: None for k in found if k not in keep})  # first: frame labels, as the
+    if len(keep) > 1:                                          # releases' evaluations use
+        raise ValueError(f"{root}: name one frame ground truth, not {' and '.join(keep)}")
+    index = _Index(root)
+    train_l = group_videos(read_list(files["train_list"], index), files["train_list"])
+    test_l = group_videos(read_list(files["test_list"], index), files["test_list"])
+    check_consistent(train_l + test_l)
+    gt_len = None
+    if files["gt"] is not None and len(train_l[0].files.raw_shape) == 3:
+        gt_len = read_frame_labels_npy(files["gt"]).shape[0]
+    axis, why = choose_crop_axis(train_l + test_l, test_l, gt_len, crop_axis)
+    crop_note = ""
+    if axis is not None:
+        crop_note = f"; 3-D files read as {'[T, crops, C]' if axis == 1 else '[crops, T, C]'} ({why})"
+
+    def videos(listed, is_train):
+        out = []
+        for i, v in enumerate(listed):
+            v.files.crop_axis = axis
+            cls = v.class_name
+            if anomalous_first is not None:
+                cls = (ANOMALY if i < anomalous_first else NORMAL) if is_train else None
+            elif cls is None:
+                raise ValueError(f"{v.where}: cannot read a class from the file name "
+                                 f"{v.files.paths[0].name!r} (expected e.g. 'Abuse028_x264' or "
+                                 f"an XD-Violence '_label_B1'); for names without a class set "
+                                 f"data.anomalous_first (RTFM's ShanghaiTech list: 63)")
+            out.append(Video(v.key, v.files, cls, tags=v.tags))
+        return out
+
+    train, test = videos(train_l, True), videos(test_l, False)
     if classes is None:
         classes = sorted({v.class_name for v in train} - {NORMAL})
-    for p, v in zip(train_paths, train):
-        _check_class(v.class_name, classes, str(p))
+    for lv, v in zip(train_l, train):
+        _check_class(v.class_name, classes, lv.where + f" ({lv.files.paths[0].name})")
     if not classes or all(v.label == 0 for v in train) or all(v.label == 1 for v in train):
-        raise ValueError(f"{root / train_list}: weak supervision needs both normal videos "
-                         f"('Normal' in the name) and anomalous videos in the train list")
-    test = []
-    for p in test_paths:
-        v = Video(video_key(p.name), load_features(p, dim), class_from_name(p.name))
-        _check_class(v.class_name, classes, str(p))
-        test.append(v)
-    gt_path, ann_path = root / gt, root / annotations
-    if gt_path.is_file():
-        try:
-            labels = np.load(gt_path, allow_pickle=False).reshape(-1)
-        except Exception as err:  # numpy raises several types for an empty or truncated file
-            raise ValueError(f"{gt_path}: not a readable .npy array of frame labels ({err})") from None
-        need = sum(v.num_snippets * frames_per_snippet for v in test)
-        if labels.shape[0] != need:
-            raise ValueError(f"{gt_path}: has {labels.shape[0]} frame labels but the videos of "
-                             f"{root / test_list} need {need} ({frames_per_snippet} frames per "
-                             f"snippet, concatenated in list order)")
-        if not np.isin(labels, (0, 1)).all():
-            raise ValueError(f"{gt_path}: frame labels must be 0 or 1")
-        start = 0
-        for v in test:
-            n = v.num_snippets * frames_per_snippet
-            v.frame_gt = labels[start:start + n].astype(np.uint8)
-            start += n
-    elif ann_path.is_file():
-        ann = read_annotations(ann_path)
-        for v in test:
-            n = v.num_snippets * frames_per_snippet
-            v.frame_gt = np.zeros(n, dtype=np.uint8)
-            if v.name not in ann:
-                if v.label:
-                    raise ValueError(f"{ann_path}: no annotation line for anomalous test video "
-                                     f"{v.name!r}")
-                continue
-            cls, spans = ann[v.name]
-            _check_class(cls, classes, f"{ann_path} ({v.name})")
-            for s, e in spans:
-                if s >= n:
-                    raise ValueError(f"{ann_path}: event {s}-{e} of {v.name!r} starts after the "
-                                     f"video's {n} frames ({v.num_snippets} snippets x "
-                                     f"{frames_per_snippet}); features and annotation disagree")
-                v.frame_gt[s:min(e + 1, n)] = 1
-    else:
-        raise FileNotFoundError(f"{root}: need frame ground truth for the test videos, either "
-                                f"{gt} (concatenated frame labels) or {annotations}")
+        raise ValueError(f"{files['train_list']}: weak supervision needs both normal videos "
+                         f"('Normal' in the name, '_label_A') and anomalous videos in the "
+                         f"train list")
+    for lv, v in zip(test_l, test):
+        if v.class_name is not None:
+            _check_class(v.class_name, classes, lv.where + f" ({lv.files.paths[0].name})")
+    _frame_truth(root, test, files, crop_note)
+    for v in test:  # names without a class: the frame labels say which videos are anomalous
+        if v.class_name is None:
+            v.class_name = ANOMALY if v.frame_gt.any() else NORMAL
     return train, test, classes
 
 
@@ -434,14 +398,17 @@ class TrainVideos(Dataset):
 
     def __init__(self, videos: list[Video], classes: list[str], num_segments: int):
         self.videos, self.classes, self.num_segments = videos, classes, num_segments
-        self.feats = [pool_segments(v.features, num_segments) for v in videos]
+        # built-in videos are pooled once; a folder's are read from disk when drawn
+        self.feats = [pool_segments(v.data, num_segments) if isinstance(v.data, np.ndarray)
+                      else None for v in videos]
 
     def __len__(self):
         return len(self.videos)
 
     def __getitem__(self, i):
         v = self.videos[i]
-        return {"features": torch.from_numpy(self.feats[i]), "label": torch.tensor(float(v.label)),
+        x = self.feats[i] if self.feats[i] is not None else pool_segments(v.features, self.num_segments)
+        return {"features": torch.from_numpy(x), "label": torch.tensor(float(v.label)),
                 "cls": torch.tensor(self.classes.index(v.class_name) if v.label else -1)}
 
 
@@ -522,7 +489,14 @@ class VADDataModule(CheckpointedShuffle, L.LightningDataModule):
     """Weakly supervised VAD data: built-in generator, a feature folder, or aeon's KDD series.
 
     Args:
-        root: ``null`` = built-in data (or ``source``); a folder in the plug-in layout.
+        root: ``null`` = built-in data (or ``source``); a feature release's folder
+            (RTFM, UR-DMU, XD-Violence layouts, see ``formats.py``).
+        train_list, test_list, gt, annotations, frame_masks: file names relative to ``root``;
+            ``null`` = found by the names the releases ship (``formats.KNOWN``).
+        crop_axis: of 3-D feature files, 1 = ``[T, crops, C]`` (RTFM), 0 = ``[crops, T, C]``;
+            ``null`` = decided from the frame-label length and the shapes.
+        anomalous_first: for names that carry no class (ShanghaiTech): the first N videos of
+            the train list are anomalous, the rest normal (RTFM's list: 63).
         source: with ``root: null``, ``synthetic`` or ``kdd_tsad_135`` (needs aeon).
         num_segments: snippets per training video after mean pooling (UR-DMU uses 200 on
             UCF-Crime; 64 = the built-in video length).
@@ -533,8 +507,10 @@ class VADDataModule(CheckpointedShuffle, L.LightningDataModule):
     """
 
     def __init__(self, root: str | None = None, source: str = "synthetic",
-                 train_list: str = "train.list", test_list: str = "test.list",
-                 gt: str = "gt.npy", annotations: str = "annotations.txt",
+                 train_list: str | None = None, test_list: str | None = None,
+                 gt: str | None = None, annotations: str | None = None,
+                 frame_masks: str | None = None, crop_axis: int | None = None,
+                 anomalous_first: int | None = None,
                  classes: list[str] | None = None, num_segments: int = 64, batch_size: int = 16,
                  num_workers: int = 0, num_classes: int = 4, feature_dim: int = 32,
                  min_len: int = 64, max_len: int = 64, difficulty: float = 1.0,
@@ -554,8 +530,9 @@ class VADDataModule(CheckpointedShuffle, L.LightningDataModule):
     def _load(self):
         h = self.hparams
         if h.root is not None:
-            train, test, classes = read_feature_folder(h.root, h.train_list, h.test_list, h.gt,
-                                                       h.annotations, h.classes)
+            train, test, classes = read_feature_folder(
+                h.root, h.train_list, h.test_list, h.gt, h.annotations, h.frame_masks, h.classes,
+                h.crop_axis, h.anomalous_first)
             val = test  # the lineage (RTFM, UR-DMU) selects on the test list; no val split exists
         elif h.source == "kdd_tsad_135":
             train, test, classes = load_kdd_tsad_clips(seed=h.seed)
@@ -582,8 +559,8 @@ class VADDataModule(CheckpointedShuffle, L.LightningDataModule):
 
     @property
     def num_crops(self) -> int:
-        f = self.train_videos[0].features
-        return f.shape[0] if f.ndim == 3 else 1
+        s = self.train_videos[0].shape
+        return s[0] if len(s) == 3 else 1
 
     def class_prototypes(self) -> np.ndarray:
         """[K, C] mean feature of each class's anomalous training videos minus the normal mean

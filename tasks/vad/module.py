@@ -104,7 +104,7 @@ class VADModule(ZooModule):
     def __init__(self, variant: str = "moe", stages: dict | None = None, joint: bool = False,
                  dim: int = 32, expert_hidden: int = 32, attn_layers: int = 0,
                  attn_window: int | None = 2, heads: int = 4, dropout: float = 0.1,
-                 expert_input: str = "both", gate_task_token: bool = False,
+                 expert_input: str = "task", gate_task_token: bool = False,
                  expert_groups: str | int = "class",
                  tgs_weight: float = 1.0, heads_tgs: bool = True, tgs_source: str = "self",
                  peak_threshold: float = 0.5,

@@ -15,10 +15,11 @@ from tasks.vad.data import (BalancedBatchSampler, VADDataModule, class_from_name
                             read_feature_folder)
 from tasks.vad.losses import (TGSConfig, find_peaks, gaussian_splat, mil_loss, tgs_loss,
                               tgs_pseudo_labels, topk_k, topk_mean)
+from tasks.vad.formats import LAYOUTS, name_tags, write_release
 from tasks.vad.metrics import FrameVADMetrics
 from tasks.vad.model import (ClassExperts, CrossAttentionGate, DenseHead, GSMoE, HeadInput,
                              count_params, dense_head_hidden)
-from tasks.vad.module import VADModule, group_classes
+from tasks.vad.module import VADModule, group_classes, schedule_warning
 from zoo.moe import routing_stats
 
 
@@ -364,11 +365,17 @@ def _fit(module, dm, epochs, root):
     return trainer, trainer.test(module, datamodule=dm, verbose=False)[0]
 
 
-def test_staged_training_beats_chance_and_saves_plots(tmp_path):
+def test_staged_training_on_an_rtfm_folder_finds_the_anomalies(tmp_path):
+    """The built-in videos written as RTFM's release ([T, crops, C] files, lists of Windows
+    paths, gt-ucf.npy), read back, trained through every stage (the paper's wiring)."""
     torch.manual_seed(0)
-    dm = _tiny_dm(batch_size=4)
+    built_in = _tiny_dm(batch_size=4)
+    write_release(tmp_path / "rtfm", "rtfm", built_in.train_videos, built_in.test_videos, crops=2,
+                  crop_noise=0.0)
+    dm = VADDataModule(root=str(tmp_path / "rtfm"), num_segments=32, batch_size=4)
+    assert dm.num_crops == 2 and len(dm.test_videos) == len(built_in.test_videos)
     module = VADModule(variant="moe", stages={"encoder": 4, "tgs": 2, "experts": 6, "gate": 2},
-                       dim=16, expert_hidden=16)
+                       dim=16, expert_hidden=16, expert_input="both")
     module.on_data(dm)
     assert module.model.num_experts == 3 and module.hparams.in_dim == 16
     assert [module.stage_at(e) for e in range(16)] == ["encoder"] * 4 + ["tgs"] * 2 + \
@@ -382,7 +389,7 @@ def test_staged_training_beats_chance_and_saves_plots(tmp_path):
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
     loaded = VADModule.load_from_checkpoint(ckpt, weights_only=True)
-    x = torch.from_numpy(dm.test_videos[0].features)[None]
+    x = torch.from_numpy(dm.test_videos[0].features)[None]               # [1, crops, T, C]
     module.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.allclose(module(x), loaded(x), atol=1e-6)
@@ -426,3 +433,171 @@ def test_frozen_parts_do_not_move_in_later_stages(tmp_path):
     mask = module._expert_mask(batch["label"], batch["cls"])
     assert (mask[batch["label"] == 0] == 1).all()
     assert (mask[batch["label"] == 1].sum(1) == 1).all()
+
+
+# ------------------------------------------------------------------------------ release layouts
+def _release_videos():
+    world = make_world(2, 8, seed=0, shared_fraction=0.5)
+    train = make_synthetic_split(world, 3, 4, 6, 9, 1.0, seed=1)
+    test = make_synthetic_split(world, 2, 3, 6, 9, 1.0, seed=2)
+    return train, test
+
+
+def _anomalous_first(videos):
+    return sorted(videos, key=lambda v: v.class_name == "Normal")
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    """The same built-in videos written in every release layout, and the videos themselves."""
+    base = tmp_path_factory.mktemp("releases")
+    train, test = _release_videos()
+    return {lay: (write_release(base / lay, lay, train, test), base / lay) for lay in LAYOUTS}, train, test
+
+
+def test_every_release_layout_reads_back_the_same_videos(releases):
+    folders, train, test = releases
+    loaded = {}
+    for lay, (info, root) in folders.items():
+        dm = VADDataModule(root=str(root), num_segments=4, batch_size=2,
+                           anomalous_first=info["anomalous_first"] if lay == "shanghai" else None)
+        assert dm.num_crops == (5 if lay == "xd" else 10) and dm.feature_dim == 8, lay
+        for got, want in zip(dm.train_videos + dm.test_videos, _anomalous_first(train) + _anomalous_first(test)):
+            x = got.features                                                # [crops, T, C]
+            assert x.shape == (dm.num_crops,) + want.features.shape, lay
+            assert np.abs(x.mean(0) - want.features).max() < 0.2, lay     # crops = video + noise
+            assert got.label == want.label, (lay, got.name)
+        for got, want in zip(dm.test_videos, _anomalous_first(test)):
+            assert np.array_equal(got.frame_gt, want.frame_gt), (lay, got.name)  # T * 16 frames
+        loaded[lay] = dm
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["features"].shape == (2, dm.num_crops, 4, 8) and batch["label"].tolist() == [0.0, 1.0]
+    assert loaded["rtfm"].classes == ["Abuse", "Arrest"] and loaded["xd"].classes == ["B1", "B2"]
+    assert loaded["shanghai"].classes == ["Anomaly"]
+    # RTFM's [T, 10, C] files and UR-DMU's per-crop files of the same crops give the same arrays
+    for a, b in zip(loaded["rtfm"].test_videos, loaded["urdmu"].test_videos):
+        assert a.name == b.name and np.array_equal(a.features, b.features)
+    # gt-ucf.npy, UCF-Crime's annotation text (frames inclusive) and XD's (end exclusive) agree
+    for a, b in zip(loaded["rtfm"].test_videos, loaded["rtfm_txt"].test_videos):
+        assert np.array_equal(a.frame_gt, b.frame_gt)
+
+
+def test_xd_names_and_multi_label_tags():
+    assert name_tags("Bad.Boys.1995__#01-11-55_01-12-40_label_G-B2-B6__3.npy") == ("G", ("G", "B2", "B6"))
+    assert name_tags("v=S-7rRLrxnVQ__#1_label_B4-0-0__0.npy") == ("B4", ("B4",))
+    assert class_from_name("v=x__#00-01-00_00-02-00_label_A__0.npy") == "Normal"  # not class 'A__0'
+    assert name_tags("01_0015_i3d.npy") == (None, ())                              # ShanghaiTech
+    assert class_from_name("Abuse001_x264_i3d.npy") == "Abuse"
+
+
+def _rtfm_files(root, T=(12, 7, 9), crops=10, C=8):
+    rng = np.random.default_rng(0)
+    names = ["Abuse001_x264", "Normal_Videos001_x264", "Abuse028_x264"]
+    for n, t in zip(names, T):
+        np.save(root / f"{n}_i3d.npy", rng.normal(size=(t, crops, C)).astype(np.float32))
+    (root / "train.list").write_text("Abuse001_x264_i3d.npy\nNormal_Videos001_x264_i3d.npy\n")
+    (root / "test.list").write_text("Abuse028_x264_i3d.npy\n")
+    return names
+
+
+def test_rtfm_crop_axis_rule_and_override(tmp_path):
+    # T differs between files, crops do not: [T, 10, C] is read as 10 crops of T snippets
+    _rtfm_files(tmp_path)
+    np.save(tmp_path / "gt.npy", np.zeros(9 * 16))
+    dm = VADDataModule(root=str(tmp_path), num_segments=4, batch_size=2)
+    assert dm.test_videos[0].shape == (10, 9, 8) and dm.num_crops == 10
+    # every file [10, 10, C]: only the frame-label length (10 * 16) or data.crop_axis settles it
+    _rtfm_files(tmp_path, T=(10, 10, 10))
+    np.save(tmp_path / "gt.npy", np.zeros(10 * 16))
+    with pytest.raises(ValueError, match="crop_axis"):
+        VADDataModule(root=str(tmp_path))
+    assert VADDataModule(root=str(tmp_path), crop_axis=0).num_crops == 10
+    # same shape [12, 10, C] everywhere: the frame labels decide, then the smaller axis
+    _rtfm_files(tmp_path, T=(12, 12, 12))
+    np.save(tmp_path / "gt.npy", np.zeros(10 * 16))   # fits [crops=12, T=10, C]
+    assert VADDataModule(root=str(tmp_path)).test_videos[0].shape == (12, 10, 8)
+    np.save(tmp_path / "gt.npy", np.zeros(12 * 16))
+    assert VADDataModule(root=str(tmp_path)).test_videos[0].shape == (10, 12, 8)
+    np.save(tmp_path / "gt.npy", np.zeros(100))
+    with pytest.raises(ValueError, match=r"gt\.npy: has 100 frame labels but .* need 192 .*\[T, crops, C\]"):
+        VADDataModule(root=str(tmp_path))
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _drop_line(path, needle):
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(l for l in lines if needle not in l) + "\n")
+
+
+def _first_anomalous_crop(root, crop, sub="dataset"):
+    return sorted((root / sub).rglob(f"Abuse001_x264__{crop}.npy"))[0]
+
+
+BAD_RELEASES = {
+    "missing crop file in the list": ("urdmu", lambda r: _drop_line(r / "list/UCF_Train.list", "Abuse001_x264__3.npy"),
+                                      ["UCF_Train.list:1", "'Abuse001_x264'", "not [3]", "Abuse001_x264__3.npy"]),
+    "crop file missing on disk": ("urdmu", lambda r: _first_anomalous_crop(r, 4).unlink(),
+                                  ["UCF_Train.list:5", "Abuse001_x264__4.npy", "not found"]),
+    "crops of different lengths": ("urdmu", lambda r: np.save(_first_anomalous_crop(r, 2), np.zeros((3, 8), np.float32)),
+                                   ["Abuse001_x264__2.npy", "crop 2", "(3, 8)", "same snippets and width"]),
+    "crops of different widths": ("urdmu", lambda r: np.save(_first_anomalous_crop(r, 1), np.zeros((6, 5), np.float32)),
+                                  ["Abuse001_x264__1.npy", "crop 1", "(6, 5)"]),
+    "per-crop and whole files mixed": ("rtfm", lambda r: (np.save(r / "features/Abuse009_x264__0.npy", np.zeros((6, 8), np.float32)),
+                                                          (r / "list/ucf-i3d.list").open("a").write("Abuse009_x264__0.npy\n")),
+                                       ["mixes layouts", "ucf-i3d.list:", "Abuse009_x264__0.npy", "whole video"]),
+    "2-D file among 3-D files": ("rtfm", lambda r: np.save(sorted((r / "features").glob("Normal*"))[0], np.zeros((6, 8), np.float32)),
+                                 ["mixes layouts", "Normal_Videos_001_x264_i3d.npy", "(6, 8) (2-D)"]),
+    "frame labels do not match": ("rtfm", lambda r: np.save(r / "list/gt-ucf.npy", np.zeros(50)),
+                                  ["gt-ucf.npy", "50 frame labels", "ucf-i3d-test.list"]),
+    "frame mask longer than the video": ("shanghai", lambda r: np.save(sorted((r / "test_frame_mask").glob("*.npy"))[0], np.zeros(999)),
+                                         ["test_frame_mask", "999 frame labels", "disagree"]),
+    "annotation names no listed video": ("xd", lambda r: (r / "annotations.txt").open("a").write("Ghost.Movie__#1_label_B1-0-0 10 40\n"),
+                                         ["annotations.txt:4", "'Ghost.Movie__#1_label_B1-0-0'", "not in", "rgb_test.list"]),
+    "annotation formats mixed": ("xd", lambda r: (r / "annotations.txt").open("a").write("Abuse028_x264.mp4 Abuse 1 5 -1 -1\n"),
+                                 ["annotations.txt:4", "UCF-Crime", "XD-Violence"]),
+    "NaN in one crop": ("xd", lambda r: np.save(sorted((r / "RGB").glob("*label_B1*__3.npy"))[0], np.full((6, 8), np.nan, np.float32)),
+                        ["__3.npy", "NaN or inf"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RELEASES))
+def test_bad_release_folders_give_one_error_naming_the_file(releases, tmp_path, case):
+    layout, corrupt, needles = BAD_RELEASES[case]
+    info, src = releases[0][layout]
+    root = _copy(src, tmp_path / layout)
+    corrupt(root)
+    kw = {"anomalous_first": info["anomalous_first"]} if layout == "shanghai" else {}
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        VADDataModule(root=str(root), **kw)
+    msg = str(err.value)
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+
+
+def test_bad_release_folder_through_the_cli_exits_2(releases, tmp_path, capsys):
+    from zoo.cli import main
+
+    root = _copy(releases[0]["urdmu"][1], tmp_path / "urdmu")
+    _drop_line(root / "list/UCF_Train.list", "Abuse001_x264__3.npy")
+    assert main(["fit", "--config", "configs/vad/moe.yaml", "--data.root", str(root),
+                 "--run_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "UCF_Train.list:1" in err and "not [3]" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_short_max_epochs_warns_naming_the_stages(tmp_path):
+    msg = schedule_warning({"encoder": 6, "tgs": 10, "experts": 8, "gate": 4}, 8)
+    assert "tgs (10 epochs: only 2 run)" in msg and "experts (8 epochs: not run)" in msg
+    assert "gate (4 epochs: not run)" in msg and "--trainer.max_epochs 28" in msg
+    assert schedule_warning({"encoder": 6, "tgs": 10}, 16) is None
+    assert schedule_warning({"encoder": 6, "tgs": 10}, 4, joint=True) is None
+    dm = _tiny_dm(num_train_normal=4, num_train_anomalous=4, num_test_normal=2, num_test_anomalous=2)
+    module = VADModule(stages={"encoder": 1, "experts": 2}, dim=16, expert_hidden=16)
+    with pytest.warns(UserWarning, match=r"max_epochs=1 .*experts \(2 epochs: not run\)"):
+        _fit(module, dm, 1, tmp_path)

@@ -5,10 +5,11 @@ the three ways zoo.moe can run the experts, side by side in one run.
 
 Each size is ``dim x hidden x tokens`` with E=8 experts, top-2, the Switch balance loss, and
 forward+backward of ``y.pow(2).mean() + aux_loss``. The arms:
-  fused    the default layer: one autograd node over per-expert GEMMs (zoo/moe/fused.py)
+  fused    one autograd node over per-expert GEMMs (zoo/moe/fused.py), the default above
+           ``BatchedExperts.pad_small_work`` multiply-adds
   slices   the same per-expert GEMMs as plain autograd ops (``experts.fused = False``)
-  padded   one zero-padded ``bmm`` per expert layer (``experts.fused = False``,
-           ``experts.pad_limit = 100``): E x (busiest expert's rows) rows of work
+  padded   one zero-padded ``bmm`` per expert layer (``experts.pad_limit = 100``): E x
+           (busiest expert's rows) rows of work; the default below ``pad_small_work``
   dense    DenseFFN(dim, 2 * hidden), the same active FLOPs
 ``--skew s`` multiplies the router's first row by 1 + s, so expert 0 takes more tokens; the
 "pad" column is the padded path's rows over the real assignments (E x max count / A).
@@ -38,6 +39,7 @@ def build(arm: str, dim: int, hidden: int, skew: float):
     moe = MoE(dim, hidden, num_experts=E, k=K, balance="switch")
     with torch.no_grad():
         moe.router.gate.weight[0] *= 1 + skew
+    moe.experts.pad_small_work = 0  # each arm takes its one path whatever the size
     if arm in ("slices", "padded"):
         moe.experts.fused = False
     if arm == "padded":

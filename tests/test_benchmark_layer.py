@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +55,41 @@ def test_small_layer_benchmark_prints_every_arm():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_small.py"), "--sizes", "64x256"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "DIMxHIDDENxTOKENS" in bad.stderr
+
+
+def _task_speed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import task_speed
+    finally:
+        sys.path.pop(0)
+    return task_speed
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_task_speed_runs_one_task_end_to_end(tmp_path, capsys):
+    """benchmarks/task_speed.py on the RL task with two timed steps: the CSV has the promised
+    columns, one row, positive finite ratios that are the quotients of the timings."""
+    import csv
+    import math
+
+    task_speed = _task_speed()
+    out = tmp_path / "speed.csv"
+    assert task_speed.main(["--tasks", "rl", "--repeats", "2", "--warmup", "1", "--threads", "1",
+                            "--out", str(out)]) == 0
+    with open(out) as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["task", "moe_config", "dense_config", "active_flops_ratio", "train_ratio",
+                                 "infer_ratio", "train_ms_moe", "train_ms_dense", "infer_ms_moe", "infer_ms_dense"]
+    assert [r["task"] for r in rows] == ["rl"]
+    r = {k: float(v) for k, v in rows[0].items() if k not in ("task", "moe_config", "dense_config")}
+    assert all(math.isfinite(v) and v > 0 for v in r.values()), r
+    assert r["train_ratio"] == pytest.approx(r["train_ms_moe"] / r["train_ms_dense"], rel=1e-6)
+    assert r["infer_ratio"] == pytest.approx(r["infer_ms_moe"] / r["infer_ms_dense"], rel=1e-6)
+    assert r["active_flops_ratio"] == pytest.approx(1.0, abs=0.05)  # PMOE's actor twin: equal active FLOPs
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| rl |")]
+    assert len(table) == 1 and "`configs/rl/pmoe_sac.yaml`" in table[0]
+    with pytest.raises(SystemExit) as bad:
+        task_speed.main(["--tasks", "nope"])
+    assert bad.value.code == 2 and "unknown ['nope']" in capsys.readouterr().err

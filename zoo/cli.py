@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 # one ZooError class for `python -m zoo.cli` (this file as __main__) and the modules importing zoo.cli
-from zoo.errors import ZooError
+from zoo.errors import ZooError, short_parse_error
 
 # torch and Lightning are imported by the commands that need them (zoo/lightning_cli.py):
-# `zoo --help` answers at once instead of after ~10 s of imports
+# `zoo --help` answers at once instead of after ~10 s of imports. The layering is one-way:
+# cli -> compare -> lightning_cli -> errors; nothing below imports this module.
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,36 +62,6 @@ def check_config(config: Path | None):
         if tasks_dir.is_dir():
             hint = "; known tasks: " + ", ".join(sorted(p.name for p in tasks_dir.iterdir() if p.is_dir()))
         raise ZooError(f"config file not found: {config}{hint}")
-
-
-def _short_parse_error(msg: str) -> str:
-    """jsonargparse's nested union report reduced to: the key, what was wrong, the value given."""
-    lines = [ln.strip().lstrip("- ").strip() for ln in msg.splitlines() if ln.strip()]
-    keep = []
-    for ln in lines:
-        if ln.startswith(("Does not validate", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>",
-                          "Given value type:")):
-            continue
-        if ln.startswith("Given value:") and len(ln) > 120:
-            continue  # a dump of the whole namespace says nothing the other lines do not
-        if ln.startswith("Parser key"):
-            ln = ln.replace("Parser key", "key").rstrip(":")
-        keep.append(ln.rstrip(":"))
-    return "; ".join(dict.fromkeys(keep))[:600]
-
-
-def build_cli(args: list[str], run: bool = True, run_dir: Path | None = None, subcommand: str | None = None):
-    """Build (and by default run) the LightningCLI for ``args`` (:mod:`zoo.lightning_cli`)."""
-    from zoo.lightning_cli import build_cli as build
-
-    return build(args, run=run, run_dir=run_dir, subcommand=subcommand)
-
-
-def instantiate(config: Path, overrides: list[str] = (), run_dir: Path | None = None):
-    """(model, datamodule, trainer) a config builds, with the data hook applied; nothing runs."""
-    args = ["--config", str(config), *overrides]
-    cli = build_cli(args, run=False, run_dir=run_dir)
-    return cli.model, cli.datamodule, cli.trainer
 
 
 # ---------------------------------------------------------------------- subcommands
@@ -148,7 +119,9 @@ def cmd_lightning(sub: str, args: list[str]):
     config = config_path(args)
     check_config(config)
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
-    cli = build_cli(args, run=False, run_dir=run_dir, subcommand=sub)
+    from zoo.lightning_cli import build_cli
+
+    cli = build_cli(args, config, run_dir, run=False, subcommand=sub)
     ckpt = resolve_ckpt(ckpt, run_dir)
     if ckpt:
         check_checkpoint(ckpt, cli.model, config)
@@ -172,6 +145,7 @@ def cmd_list(args: list[str]):
 
 def cmd_flops(args: list[str]):
     from zoo.flops import describe
+    from zoo.lightning_cli import instantiate
 
     if not args or args[0].startswith("--"):
         raise ZooError("usage: zoo flops CONFIG.yaml [--key value ...]")
@@ -235,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(err)
         if "Union subtypes" in msg:  # a datamodule/model constructor error wrapped by jsonargparse
-            msg = _short_parse_error(msg)
+            msg = short_parse_error(msg)
         print(f"zoo: error: {msg}", file=sys.stderr)
         return 2
     return 0

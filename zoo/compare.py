@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from zoo import plots
 from zoo.flops import describe
+from zoo.lightning_cli import instantiate
 
 COST_COLUMNS = ["total_params", "active_params", "flops_per_sample", "train_time_s", "samples_per_s"]
 
@@ -33,8 +34,6 @@ def _labels(configs: list[Path]) -> list[str]:
 
 def run_one(config: Path, seed: int, run_dir: Path, overrides: list[str]) -> dict:
     """Fit then test one config with one seed; returns its metrics and costs."""
-    from zoo.cli import instantiate
-
     quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     args = [*quiet, *overrides, f"--seed_everything={seed}"]
     model, datamodule, trainer = instantiate(config, args, run_dir=run_dir)

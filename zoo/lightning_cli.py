@@ -1,6 +1,7 @@
 """The Lightning side of the ``zoo`` command: the run folder, checkpoints and CSV logging of
 :class:`ZooCLI`, a LightningCLI in subclass mode. Imported only by the commands that train or
-build a model, so ``zoo --help`` does not pay for importing Lightning."""
+build a model, so ``zoo --help`` does not pay for importing Lightning. It imports nothing of
+``zoo.cli`` or ``zoo.compare`` (they import it): the caller resolves the config and run folder."""
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from zoo.cli import _short_parse_error, check_config, config_path, default_run_dir
-from zoo.errors import ZooError
+from zoo.errors import ZooError, short_parse_error
 from zoo.module import ZooModule
 from zoo.predict import PredictionWriter
 
@@ -87,20 +87,22 @@ class ZooCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def build_cli(args: list[str], run: bool = True, run_dir: Path | None = None,
+def build_cli(args: list[str], config: Path, run_dir: Path, run: bool = True,
               subcommand: str | None = None) -> ZooCLI:
-    """Build (and by default run) the LightningCLI for ``args``."""
-    config = config_path(args)
-    check_config(config)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+    """Build (and by default run) the LightningCLI for ``args`` (which name ``--config config``);
+    everything the run writes goes under ``run_dir``."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
         try:
             return ZooCLI(ZooModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          save_config_kwargs={"overwrite": True}, args=args, run=run, run_dir=run_dir,
+                          save_config_kwargs={"overwrite": True}, args=args, run=run, run_dir=Path(run_dir),
                           zoo_subcommand=subcommand, parser_kwargs={"exit_on_error": False},
                           load_from_checkpoint_support=False)
         except argparse.ArgumentError as err:
-            raise ZooError(f"{config}: {_short_parse_error(str(err))}") from err
+            raise ZooError(f"{config}: {short_parse_error(str(err))}") from err
 
 
+def instantiate(config: Path, overrides: list[str], run_dir: Path):
+    """(model, datamodule, trainer) a config builds, with the data hook applied; nothing runs."""
+    cli = build_cli(["--config", str(config), *overrides], config, run_dir, run=False)
+    return cli.model, cli.datamodule, cli.trainer

@@ -7,7 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from zoo.moe import (MoE, DenseFFN, MLPExperts, aux_loss, build_router, dense_twin_hidden, moe_mlp,
+from zoo.moe import (MoE, DenseFFN, MLPExperts, SwiGLUExperts, aux_loss, build_router, dense_twin_hidden, moe_mlp,
                      route_with, routing_stats)
 from zoo.moe.dispatch import dispatch
 from zoo.moe.losses import switch_balance_loss
@@ -468,23 +468,54 @@ def test_padded_and_sliced_expert_paths_agree_in_values_and_gradients(path):
         torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_small_layers_pad_in_training_only_and_large_ones_do_not():
-    """``pad_small_work`` (off by default): a small layer trains through one padded bmm; the same
-    layer in inference, and a layer above the threshold, run per expert."""
+def test_small_layers_pad_in_training_and_inference_but_not_under_flop_counting():
+    """``pad_small_work`` (2^26 multiply-adds by default): a small layer runs through one padded
+    bmm in training and in inference, with the per-expert path's values; a layer above the
+    threshold runs per expert; counting FLOPs never pads (the count sees only routed rows)."""
     torch.manual_seed(0)
     small, large = MoE(16, 32, num_experts=4, k=2), MoE(64, 256, num_experts=4, k=2)
-    assert small.experts.pad_small_work == 0 and not small.experts.padded([10, 0, 5, 3])
-    small.experts.pad_small_work = large.experts.pad_small_work = 1 << 26
+    assert small.experts.pad_small_work == 1 << 26 and small.experts.padded([10, 0, 5, 3])
     x_small, x_large = torch.randn(64, 16, requires_grad=True), torch.randn(4096, 64, requires_grad=True)
     assert small.experts.row_macs() == 2 * 16 * 32
     assert "BaddbmmBackward0" in _node_names(small(x_small))
     # E x max count x row_macs >= 4 x 2048 x 32768 = 2^28 > 2^26: per expert (the fused node)
     names = _node_names(large(x_large))
     assert "BaddbmmBackward0" not in names and "SortedExpertsBackward" in names
-    assert small.experts.padded([10, 0, 5, 3])
     with torch.no_grad():
-        assert not small.experts.padded([10, 0, 5, 3])
+        assert small.experts.strategy(x_small, [10, 0, 5, 3]) == "padded"
         y0 = small(x_small)
-    small.experts.pad_small_work = 0
-    assert not small.experts.padded([10, 0, 5, 3])
-    torch.testing.assert_close(small(x_small).detach(), y0, rtol=1e-5, atol=1e-6)
+        with FlopCounterMode(display=False):
+            assert not small.experts.padded([10, 0, 5, 3])
+        small.experts.pad_small_work = 0
+        assert small.experts.strategy(x_small, [10, 0, 5, 3]) == "kernels"
+        torch.testing.assert_close(small(x_small), y0, rtol=1e-5, atol=1e-6)
+    f_padded_off = count_flops(small, x_small)
+    small.experts.pad_small_work = 1 << 26
+    assert count_flops(small, x_small) == f_padded_off  # no padded rows counted
+
+
+@pytest.mark.parametrize("cls", [MLPExperts, SwiGLUExperts])
+@pytest.mark.parametrize("grad", [True, False])
+def test_forward_sorted_padded_equals_per_expert(cls, grad):
+    """``forward_sorted`` (what tasks with their own routing call) pads small layers too; it must
+    equal the per-expert kernels in values and, in training, in every gradient, with an expert
+    that gets no rows and uneven counts."""
+    torch.manual_seed(2)
+    padded, per_expert = cls(5, 12, 20, out_dim=7), cls(5, 12, 20, out_dim=7)
+    per_expert.load_state_dict(padded.state_dict())
+    per_expert.pad_small_work = 0
+    counts = [6, 0, 11, 1, 3]
+    x = torch.randn(sum(counts), 12)
+    assert padded.padded(counts) and not per_expert.padded(counts)
+    outs, grads = [], []
+    for ex in (padded, per_expert):
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = ex.forward_sorted(xi, torch.tensor(counts))
+        outs.append(y.detach())
+        if grad:
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads.append([xi.grad] + [p.grad for p in ex.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import SortedExperts, can_fuse, combine_rows, expert_params, sorted_forward
+from .fused import FUSED_ACTIVATIONS, SortedExperts, can_fuse, combine_rows, expert_params, sorted_forward
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -75,14 +75,16 @@ class BatchedExperts(nn.Module):
     #: 1k/8k/32k tokens); set e.g. 1.25 to try it where one batched GEMM pays (accelerators).
     pad_limit: float = 0.0
 
-    #: in training, run small layers as one padded ``bmm`` whatever the balance: when E x (the
-    #: busiest expert's rows) x (multiply-adds per row) is at most this. There the per-expert
-    #: ops' fixed costs outweigh the padded rows' work (``benchmarks/moe_small.py``, E=8, k=2:
-    #: padded / fused time 0.58-0.79 at 32x128x256 and 64x256x512 with up to 1.55x padding,
-    #: 0.83-1.48 at 2^27 multiply-adds and more). Off (0) by default, so published seeded
-    #: results stay reproducible; ``1 << 26`` is where it paid in every measured case. Same
-    #: values up to float rounding, which a seeded training run can amplify (see the README).
-    pad_small_work: int = 0
+    #: run small layers as one padded ``bmm`` per expert layer whatever the balance: when E x
+    #: (the busiest expert's rows) x (multiply-adds per row) is at most this. There the
+    #: per-expert ops' fixed costs (4-9 ops per expert, each a few microseconds on the CPU)
+    #: outweigh the padded rows' work (``benchmarks/moe_small.py``, E=8, k=2: padded / fused
+    #: time 0.58-0.79 at 32x128x256 and 64x256x512 with up to 1.55x padding, 0.83-1.48 at 2^27
+    #: multiply-adds and more), so ``2^26`` is the crossover. The task layers below it: stock's
+    #: MIGA experts, the RL mixture heads, MoDE's denoiser layers. Same values as the per-expert
+    #: path up to float rounding; 0 switches it off. Never while FLOPs are counted (a dispatch
+    #: mode is active): FLOP counts see only the routed rows.
+    pad_small_work: int = 1 << 26
 
     #: run sorted tokens through :class:`zoo.moe.fused.SortedExperts` (one autograd node with
     #: explicit GEMMs into shared buffers) where the expert type allows; False forces the
@@ -100,29 +102,51 @@ class BatchedExperts(nn.Module):
         x: [N, dim]; rows, expert_index, gate: [A], sorted by expert; counts: [E] -> y [N, out].
         ``unsort`` [A] (optional): when each token has exactly A/N assignments, the sorted
         position of each assignment in token-major order; the sum is then a gather instead
-        of a scatter-add.
+        of a scatter-add. One strategy runs (:meth:`strategy`): ``padded``
+        (:meth:`_rows_padded`), ``fused`` (training: one autograd node, :mod:`zoo.moe.fused`),
+        ``kernels`` (inference: the same per-expert kernels without the node) or ``slices``
+        (per-expert autograd ops, :meth:`_slices`).
         """
-        counts_l = counts.tolist()
-        kind = None if self.padded(counts_l) else can_fuse(self, x)
-        if kind is not None:
+        counts_l = counts.tolist()  # the layer's one host sync: how many rows each expert gets
+        strategy = self.strategy(x, counts_l)
+        if strategy == "kernels":  # inference: the explicit per-expert kernels, then the combine
+            return combine_rows(self._sorted_kernels(x.index_select(0, rows), counts_l), rows, unsort, x.shape[0], gate)
+        if strategy == "fused":
+            kind = can_fuse(self, x)
             return SortedExperts.apply(x, rows, gate, x.shape[0], unsort, counts_l, kind, self.threaded,
                                        *expert_params(self, kind))
-        out = self.forward_grouped(x, rows, expert_index, counts)
+        if strategy == "padded":
+            out = self._rows_padded(x.index_select(0, rows), expert_index, counts, counts_l)
+        else:
+            out = self._slices(x.index_select(0, rows), counts_l)
         return combine_rows(out, rows, unsort, x.shape[0], gate)
+
+    def strategy(self, x: torch.Tensor, counts: list[int]) -> str:
+        """How these per-expert row counts run: "padded", "fused", "kernels" or "slices"."""
+        if self.padded(counts):
+            return "padded"
+        if can_fuse(self, x) is not None:
+            return "fused"
+        return "kernels" if can_fuse(self, x, grad=False) is not None else "slices"
 
     def row_macs(self) -> int:
         """Multiply-adds of one row through one expert (its weight matrices)."""
         return sum(p[0].numel() for p in self.parameters() if p.dim() == 3)
 
     def padded(self, counts: list[int]) -> bool:
-        """Whether training runs these per-expert row counts as one zero-padded batched GEMM
-        (:attr:`pad_limit`, :attr:`pad_small_work`). Inference never pads: FLOP counts and
-        timings see only the routed rows."""
+        """Whether these per-expert row counts run as one zero-padded batched GEMM
+        (:attr:`pad_limit`, :attr:`pad_small_work`). Never while a dispatch mode (FLOP counting,
+        fake tensors) is active: FLOP counts see only the routed rows."""
         a = sum(counts)
-        if a == 0 or not torch.is_grad_enabled():
+        if a == 0 or torch._C._len_torch_dispatch_stack():
             return False
-        rows = max(counts) * self.num_experts
+        rows = max(counts) * len(counts)
         return rows <= self.pad_limit * a or rows * self.row_macs() <= self.pad_small_work
+
+    def fused_kind(self) -> str | None:
+        """The :class:`~zoo.moe.fused.SortedExperts` kernel kind of this expert type, or None
+        when it runs on autograd ops (every subclass that is not exactly MLP or SwiGLU)."""
+        return None
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # defined by every subclass
         raise TypeError(f"{type(self).__name__} must define forward_expert(e, x) and forward_batched(x)")
@@ -132,25 +156,31 @@ class BatchedExperts(nn.Module):
         """Experts on ``x[rows]``, assignments already sorted by expert -> [A, out] in that order.
 
         rows, expert_index: [A] (expert_index non-decreasing); counts: [E] rows per expert.
-        Where :meth:`padded` says so (balanced routing within ``pad_limit``, or a small layer),
-        training runs one ``forward_batched`` on a zero-padded ``[E, max count, dim]`` buffer: a
-        single batched GEMM per layer whose weight gradients come out already stacked, instead of
-        E small GEMMs, a concatenation of their outputs and a stack of E gradients (the padded
-        rows are never read back, so they add nothing to any gradient). Otherwise, and always in
-        inference (no grad), the per-expert slices.
-        """
+        Padded (:meth:`padded`) or per-expert slices, without the combine."""
         counts_l = counts.tolist()
-        a, c = rows.numel(), max(counts_l, default=0)
-        if a == 0:
+        if rows.numel() == 0:
             return x.new_zeros(0, self.out_dim)
-        # inference keeps the exact per-expert slices: no padded rows in FLOP counts or time
-        if not self.padded(counts_l):
-            return self.forward_sorted(x.index_select(0, rows), counts_l)
+        if self.padded(counts_l):
+            return self._rows_padded(x.index_select(0, rows), expert_index, counts, counts_l)
+        return self.forward_sorted(x.index_select(0, rows), counts_l)
+
+    def _rows_padded(self, x_sorted: torch.Tensor, expert_index: torch.Tensor | None, counts: torch.Tensor | None,
+                     counts_l: list[int]) -> torch.Tensor:
+        """Sorted rows through one :meth:`forward_batched` on a zero-padded ``[E, max count, dim]``
+        buffer -> [A, out] in the same order. One batched GEMM per expert layer, whose weight
+        gradients come out already stacked; the padded rows are never read back, so they add
+        nothing to any gradient. ``expert_index``/``counts`` (tensors) are derived from
+        ``counts_l`` when not given."""
+        e, c, a = len(counts_l), max(counts_l), x_sorted.shape[0]
+        if counts is None:
+            counts = torch.tensor(counts_l, device=x_sorted.device)
+        if expert_index is None:
+            expert_index = torch.repeat_interleave(torch.arange(e, device=x_sorted.device), counts, output_size=a)
         starts = torch.cumsum(counts, 0) - counts
-        slot = expert_index * c + (torch.arange(a, device=x.device) - starts[expert_index])  # [A]
-        buf = x.new_zeros(self.num_experts * c, x.shape[-1]).index_copy(0, slot, x.index_select(0, rows))
-        out = self.forward_batched(buf.view(self.num_experts, c, -1))  # [E, c, out]
-        return out.reshape(self.num_experts * c, -1).index_select(0, slot)
+        slot = expert_index * c + (torch.arange(a, device=x_sorted.device) - starts[expert_index])  # [A]
+        buf = x_sorted.new_zeros(e * c, x_sorted.shape[-1]).index_copy(0, slot, x_sorted)
+        out = self.forward_batched(buf.view(e, c, -1))  # [E, c, out]
+        return out.reshape(e * c, -1).index_select(0, slot)
 
     def _sorted_kernels(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
         """The explicit per-expert kernels of :mod:`zoo.moe.fused` where this expert type has them:
@@ -165,11 +195,16 @@ class BatchedExperts(nn.Module):
         return None
 
     def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
-        """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
+        """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]:
+        padded where :meth:`padded` says so, else the per-expert kernels or slices."""
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        if self.padded(counts):
+            return self._rows_padded(x_sorted, None, None, counts)
         out = self._sorted_kernels(x_sorted, counts)
-        if out is not None:
-            return out
+        return out if out is not None else self._slices(x_sorted, counts)
+
+    def _slices(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The autograd per-expert path: :meth:`forward_expert` on each expert's slice."""
         outs = [self.forward_expert(e, xs) for e, xs in enumerate(torch.split(x_sorted, counts)) if xs.shape[0]]
         if not outs:
             return x_sorted.new_zeros(0, self.out_dim)
@@ -199,17 +234,17 @@ class MLPExperts(BatchedExperts):
     def params_per_expert(self) -> int:
         return self.dim * self.hidden + self.hidden + self.hidden * self.out_dim + self.out_dim
 
+    def fused_kind(self) -> str | None:
+        if type(self) is MLPExperts and isinstance(self.activation, str) and self.activation in FUSED_ACTIVATIONS:
+            return f"mlp:{self.activation}"
+        return None
+
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on tokens ``x`` [n, dim] -> [n, out]."""
         h = self.act(torch.addmm(self.b1[e], x, self.w1[e]))
         return torch.addmm(self.b2[e], h, self.w2[e])
 
-    def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
-        """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]."""
-        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
-        out = self._sorted_kernels(x_sorted, counts)
-        if out is not None:
-            return out
+    def _slices(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # unbind once: one backward node stacks the per-expert grads, instead of E select-backwards
         # that each materialise a zero tensor of the full [E, ...] weight
         w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
@@ -245,6 +280,9 @@ class SwiGLUExperts(BatchedExperts):
 
     def params_per_expert(self) -> int:
         return 2 * (self.dim * self.hidden + self.hidden) + self.hidden * self.out_dim + self.out_dim
+
+    def fused_kind(self) -> str | None:
+        return "swiglu" if type(self) is SwiGLUExperts else None
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on tokens x [n, dim] -> [n, out]."""

@@ -239,17 +239,8 @@ def _expert_backward(kind: str, params, grads, saved: tuple, xe, ge, e: int, gx,
                 gx.addmm_(gp, params[i][e].t())
 
 
-def fused_kind(experts) -> str | None:
-    """The :class:`SortedExperts` kind of an expert module, or None when it must use autograd."""
-    from .experts import MLPExperts, SwiGLUExperts
-
-    if not getattr(experts, "fused", False):
-        return None
-    if type(experts) is SwiGLUExperts:
-        return "swiglu"
-    if type(experts) is MLPExperts and isinstance(experts.activation, str) and experts.activation in _FORWARD:
-        return f"mlp:{experts.activation}"
-    return None
+#: the activations the explicit kernels know (an ``MLPExperts`` with another runs on autograd)
+FUSED_ACTIVATIONS = tuple(_FORWARD)
 
 
 def can_fuse(experts, x: torch.Tensor, grad: bool = True) -> str | None:
@@ -258,7 +249,7 @@ def can_fuse(experts, x: torch.Tensor, grad: bool = True) -> str | None:
 
     None also under autocast (the explicit kernels do not autocast) and when one of the expert
     tensors differs from ``x`` in dtype or device."""
-    kind = fused_kind(experts)
+    kind = experts.fused_kind() if getattr(experts, "fused", False) else None
     if kind is None or torch.is_grad_enabled() != grad or torch.is_autocast_enabled(x.device.type):
         return None
     for p in experts.parameters():

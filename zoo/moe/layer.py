@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from .dispatch import dispatch
+from .dispatch import Assignments, dispatch, expert_choice, token_choice
 from .experts import EXPERTS, DenseFFN, MLPExperts, SwiGLUExperts
 from .losses import importance_load_loss, router_z_loss, smooth_load, switch_balance_loss
-from .parallel import expert_parallel_dispatch, world
+from .alltoall import expert_parallel_dispatch, world
 from .routers import ROUTERS, build_router
 from .routing import RoutedModule, RoutingInfo
 
@@ -161,57 +161,50 @@ class MoE(RoutedModule):
         return y.reshape(*lead, self.out_dim)
 
     def _forward_sparse(self, xf, rf, lead):
-        n = xf.shape[0]
-        indices, weights, logits = self.router(xf, rf)
+        """Token- and expert-choice routing in four steps: route -> assign -> dispatch ->
+        experts and combine (``dispatch.py``); then the aux loss and the routing record."""
+        indices, weights, logits = self.router(xf, rf)  # 1. route
+        routed = self._assign(indices, weights)  # 2. flat (token, expert, gate) triples
+        routed, computed, active = self._computed(routed)
+        y, kept = self._run_experts(xf, computed)  # 3.+4. sort, capacity, experts, combine
+        if active is not None:  # null experts count as kept
+            kept = torch.ones_like(active).masked_scatter_(active, kept)
+        self._record(xf.shape[0], lead, routed, kept, indices, weights, logits)
+        return y
+
+    def _assign(self, indices, weights) -> Assignments:
         if self.kind == "expert":  # indices [E, C] = tokens picked by each expert
-            c = indices.shape[1]
-            token_index = indices.reshape(-1)
-            expert_index = torch.arange(self.num_experts, device=xf.device).repeat_interleave(c)
-            flat_w = weights.reshape(-1)
-            priority, k_idx, kk = None, None, None
-        else:  # token choice: indices [N, k]
-            kk = indices.shape[1]
-            token_index = torch.arange(n, device=xf.device).repeat_interleave(kk)
-            expert_index = indices.reshape(-1)
-            flat_w = weights.reshape(-1)
-            # capacity priority: every token's first choice before anyone's second (GShard)
-            priority = (torch.arange(kk, device=xf.device).repeat(n) * n + token_index
-                        if self.capacity_factor is not None else None)
-            k_idx = indices
-        # null experts and zero gates (dense-to-sparse) are assignments that compute nothing
-        sparse_slots = self.null_experts > 0 or self.router_name == "dense_to_sparse"
-        if sparse_slots:
-            nonzero = flat_w != 0
-            token_index, expert_index, flat_w = token_index[nonzero], expert_index[nonzero], flat_w[nonzero]
-            priority = None if priority is None else priority[nonzero]
-            active = expert_index < self.num_experts
-            a_tok, a_exp, a_w = token_index[active], expert_index[active], flat_w[active]
-            a_pri = None if priority is None else priority[active]
-        else:
-            active, a_tok, a_exp, a_w, a_pri = None, token_index, expert_index, flat_w, priority
-        if self.expert_parallel:
-            y = expert_parallel_dispatch(xf, a_tok, a_exp, a_w, self.experts, self.num_experts, self.ep_group)
-            kept_active = torch.ones(a_tok.numel(), dtype=torch.bool, device=xf.device)
-        else:
-            per_token = kk if self.kind == "token" and not sparse_slots else None
-            y, kept_active = dispatch(xf, a_tok, a_exp, a_w, self.experts, capacity=self.capacity(n),
-                                      priority=a_pri, per_token=per_token)
-        if active is None:
-            kept = kept_active
-        else:
-            kept = torch.ones_like(active)
-            kept[active] = kept_active
+            return expert_choice(indices, weights)
+        return token_choice(indices, weights, with_priority=self.capacity_factor is not None)
+
+    def _computed(self, routed: Assignments) -> tuple[Assignments, Assignments, torch.Tensor | None]:
+        """(the assignments recorded, those that run an expert, which of the recorded ones
+        these are (None: all)). Null experts and zero gates (dense-to-sparse) compute nothing;
+        zero gates are not recorded either."""
+        if not (self.null_experts > 0 or self.router_name == "dense_to_sparse"):
+            return routed, routed, None
+        routed = routed.select(routed.weight != 0)
+        active = routed.expert < self.num_experts
+        return routed, routed.select(active), active
+
+    def _run_experts(self, xf, a: Assignments) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.expert_parallel:  # dropless: every assignment is kept
+            y = expert_parallel_dispatch(xf, a.token, a.expert, a.weight, self.experts, self.num_experts, self.ep_group)
+            return y, torch.ones(a.token.numel(), dtype=torch.bool, device=xf.device)
+        return dispatch(xf, a, experts=self.experts, capacity=self.capacity(xf.shape[0]))
+
+    def _record(self, n, lead, routed: Assignments, kept, indices, weights, logits) -> None:
+        """``aux_loss`` and ``last_routing`` of this forward."""
         # the probabilities carry a gradient only for the balance losses; otherwise they are stats
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.balance is not None and self.kind == "token"):
             probs = logits.float().softmax(-1)
-        self.aux_loss = self._aux(logits, probs, expert_index, weights, indices)
+        self.aux_loss = self._aux(logits, probs, routed.expert, weights, indices)
         self.last_routing = RoutingInfo(
-            token_index=token_index.detach(), expert_index=expert_index.detach(),
-            weights=flat_w.detach(), kept=kept.detach(),
+            token_index=routed.token.detach(), expert_index=routed.expert.detach(),
+            weights=routed.weight.detach(), kept=kept.detach(),
             num_experts=self.num_experts, num_tokens=n, token_shape=tuple(lead),
             probs=probs.detach(), logits=logits.detach(),
-            indices=None if k_idx is None else k_idx.detach(), null_experts=self.null_experts)
-        return y
+            indices=None if self.kind == "expert" else indices.detach(), null_experts=self.null_experts)
 
     def _forward_soft(self, x, rf):
         """Soft MoE (Puigcerver et al. 2023, eq. 1-3) over the tokens of each sequence."""

@@ -1,20 +1,10 @@
-"""Expert parallelism on torch.distributed: each rank holds E/W experts, tokens travel by all-to-all.
+"""Expert parallelism for whole models: split every MoE layer's experts over the ranks, keep
+them out of DDP's all-reduce, and keep checkpoints whole.
 
-The exchange follows DeepSpeed-MoE / tutel / megablocks, dropless:
-
-1. every rank routes its own tokens (the router is replicated) and sorts its assignments by
-   global expert id, so the assignments for rank r (experts ``r*E/W .. (r+1)*E/W - 1``) are
-   one contiguous block;
-2. the per-rank counts are exchanged first (``all_to_all_single`` on integers), then the token
-   rows and their local expert ids;
-3. each rank sorts what it received by local expert, runs one GEMM per expert slice, restores
-   the received order and sends the outputs back with the reverse all-to-all;
-4. the sender combines outputs with its gate weights (``index_add``).
-
-The token exchanges are an autograd function whose backward is the reverse exchange, so
-gradients reach the inputs on the sending rank and the expert weights on the owning rank.
-Works with gloo (CPU) and nccl (CUDA). Expert weights are not replicas: exclude them from DDP's
-gradient all-reduce with :func:`ddp_ignore_expert_params`.
+The token exchange itself (dropless all-to-all, DeepSpeed-MoE / tutel / megablocks style) is
+:mod:`zoo.moe.alltoall`, which the layer calls; this module sits above :class:`~zoo.moe.layer.MoE`.
+Expert weights are not replicas: exclude them from DDP's gradient all-reduce with
+:func:`ddp_ignore_expert_params`.
 
 Under Lightning the model is built before the process group exists, so
 :func:`shard_experts` splits a built model later (``ZooModule.configure_model``, turned on by
@@ -28,78 +18,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .experts import MLPExperts
+from .alltoall import expert_parallel_dispatch, world
+from .layer import MoE
 
-
-def world(group=None) -> tuple[int, int]:
-    """(rank, world size) of ``group``; (0, 1) when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
-    recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts, group=group)
-    return recv
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows ``x[sum(send[:r]) : sum(send[:r+1])]`` go to rank r; the backward sends the gradient
-    rows back the way they came (the same exchange with the counts swapped)."""
-
-    @staticmethod
-    def forward(ctx, x, recv_counts, send_counts, group):
-        ctx.counts, ctx.group = (recv_counts, send_counts), group
-        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        recv_counts, send_counts = ctx.counts
-        back = grad.new_empty((sum(send_counts), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), send_counts, recv_counts, group=ctx.group)
-        return back, None, None, None
-
-
-def _exchange(x: torch.Tensor, recv_counts: list[int], send_counts: list[int], group) -> torch.Tensor:
-    """Differentiable all-to-all of rows: ``send_counts[r]`` rows go to rank r."""
-    return _AllToAll.apply(x, recv_counts, send_counts, group)
-
-
-def expert_parallel_dispatch(x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
-                             weights: torch.Tensor, local_experts: MLPExperts, num_experts: int,
-                             group=None) -> torch.Tensor:
-    """Dropless expert-parallel counterpart of :func:`zoo.moe.dispatch.dispatch`.
-
-    x: [N, dim] this rank's tokens; token_index, expert_index (global ids), weights: [A].
-    Returns y [N, out] = sum_a weights[a] * expert[e_a](x[t_a]), experts living on their ranks.
-    """
-    _, w = world(group)
-    e_local = local_experts.num_experts
-    order = torch.argsort(expert_index, stable=True)
-    ti, ei, gw = token_index[order], expert_index[order], weights[order]
-    dest = torch.div(ei, e_local, rounding_mode="floor")
-    send_counts = torch.bincount(dest, minlength=w)
-    recv_counts = _exchange_counts(send_counts, group)
-    send, recv = send_counts.tolist(), recv_counts.tolist()
-    recv_x = _exchange(x.index_select(0, ti), recv, send, group)  # [R, dim]
-    recv_e = torch.empty(sum(recv), dtype=ei.dtype, device=ei.device)
-    dist.all_to_all_single(recv_e, (ei % e_local).contiguous(), recv, send, group=group)
-    by_expert = torch.argsort(recv_e, stable=True)
-    counts = torch.bincount(recv_e, minlength=e_local)
-    out_sorted = local_experts.forward_grouped(recv_x, by_expert, recv_e.index_select(0, by_expert), counts)
-    out = torch.empty_like(out_sorted).index_copy(0, by_expert, out_sorted)  # received order
-    back = _exchange(out, send, recv, group)  # [A, out] aligned with ti
-    y = x.new_zeros(x.shape[0], local_experts.out_dim)
-    return y.index_add(0, ti, back * gw.unsqueeze(-1).to(back.dtype))
+__all__ = ["world", "expert_parallel_dispatch", "expert_param_names", "ddp_ignore_expert_params",
+           "sharded_layers", "shard_experts", "gather_expert_state", "slice_expert_state",
+           "gather_expert_checkpoint", "slice_expert_checkpoint", "gather_experts"]
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
     """Names of the expert weights sharded by expert parallelism (not replicas across ranks)."""
-    from .layer import MoE
-
     names = []
     for mod_name, m in model.named_modules():
         if isinstance(m, MoE) and m.expert_parallel:
@@ -120,8 +48,6 @@ def ddp_ignore_expert_params(model: nn.Module) -> list[str]:
 # ---------------------------------------------------------------------- whole models
 def sharded_layers(model: nn.Module) -> dict[str, nn.Module]:
     """{module name: MoE} for every layer of ``model`` currently split over ranks."""
-    from .layer import MoE
-
     return {name: m for name, m in model.named_modules() if isinstance(m, MoE) and m.expert_parallel}
 
 
@@ -136,8 +62,6 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float | None = None)
     make one step equal a single-process step on the global batch.
     Returns {layer: "sharded" | reason it stayed replicated}.
     """
-    from .layer import MoE
-
     _, size = world(group)
     report = {}
     if size == 1:
@@ -167,8 +91,6 @@ def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
 
 def _expert_params(module: nn.Module, sharded_only: bool = True) -> dict[int, tuple[str, nn.Module, nn.Parameter]]:
     """id(param) -> (state_dict key, layer, param) for the (sharded) expert weights."""
-    from .layer import MoE
-
     out = {}
     for name, m in module.named_modules():
         if not isinstance(m, MoE) or (sharded_only and not m.expert_parallel):

@@ -7,7 +7,10 @@ class) and the gate's mean attention per class. One encoder for all heads isolat
 heads add.
 
     python benchmarks/vad_stages.py --encoder 6 --tgs 10 --experts 8 --gate 4 \
-        [--model '{"expert_input": "task"}'] [--data '{"shared_fraction": 0.0}']
+        [--model '{"expert_input": "both"}'] [--data '{"shared_fraction": 0.0}']
+
+The heads follow the module's default wiring (the paper's: ``expert_input: task``); pass
+``--model '{"expert_input": "both"}'`` for moe_both.yaml's.
 
 ``--probe`` instead trains pointwise read-outs of the raw snippets with top-k MIL (no encoder):
 one per class on that class's anomalous videos plus the normal ones, and one shared by all

@@ -486,7 +486,8 @@ class BalancedBatchSampler(BatchSampler):
 
 
 class VADDataModule(CheckpointedShuffle, L.LightningDataModule):
-    """Weakly supervised VAD data: built-in generator, a feature folder, or aeon's KDD series.
+    """Weakly supervised VAD data: built-in generator, an I3D feature release as downloaded
+    (RTFM [T, 10, C], UR-DMU / XD-Violence per-crop files, plain [T, C]), or aeon's KDD series.
 
     Args:
         root: ``null`` = built-in data (or ``source``); a feature release's folder

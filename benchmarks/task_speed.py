@@ -10,7 +10,8 @@ included) and both models see real batches from the task's datamodule:
   backward and optimizer step; manual optimisation where the module does its own), timed
   from Lightning's ``on_train_batch_start`` to ``on_train_batch_end``, so loading the batch is
   not counted. The two models train in one process, each inside its own ``Trainer.fit`` on its
-  own thread, and take turns step by step, so a neighbour's load falls on both alike.
+  own thread, and take turns step by step (only one of them runs at any moment), so a
+  neighbour's load falls on both alike.
 - inference: the task's predict path on one batch of its predict split (vad: the scores of one
   video; diffusion_policy: a DDIM action chunk with MoDE's expert caching; RL: ``act`` on a
   batch of observations from the replay buffer), alternating MoE and dense, under
@@ -89,15 +90,20 @@ def _step_timer(turns: Turns, i: int, warmup: int, repeats: int):
     from lightning.pytorch.callbacks import Callback
 
     class StepTimer(Callback):
-        """Times every training batch; hands the turn to the other model after each one."""
+        """Times every training batch. A model runs only while it holds the turn: from the start
+        of its fit (setup hooks) to the end of its first batch, then from the other's batch end
+        to its own next one, so nothing of one model (data loading, epoch hooks) overlaps the
+        other's timed step."""
 
         def __init__(self):
             self.times: list[float] = []
             self.seen = 0
             self.t0 = 0.0
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        def on_fit_start(self, trainer, pl_module):
             turns.wait(i)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -109,6 +115,8 @@ def _step_timer(turns: Turns, i: int, warmup: int, repeats: int):
             if enough:
                 trainer.should_stop = True
             turns.pass_on(i, finished=enough)
+            if not enough:
+                turns.wait(i)
 
         def on_fit_end(self, trainer, pl_module):
             turns.pass_on(i, finished=True)

@@ -496,26 +496,28 @@ def test_small_layers_pad_in_training_and_inference_but_not_under_flop_counting(
 
 @pytest.mark.parametrize("cls", [MLPExperts, SwiGLUExperts])
 @pytest.mark.parametrize("grad", [True, False])
-def test_forward_sorted_padded_equals_per_expert(cls, grad):
-    """``forward_sorted`` (what tasks with their own routing call) pads small layers too; it must
-    equal the per-expert kernels in values and, in training, in every gradient, with an expert
-    that gets no rows and uneven counts."""
+def test_forward_grouped_padded_equals_forward_sorted(cls, grad):
+    """``forward_grouped`` (the layer's dispatch, also under expert parallelism) pads small
+    layers; it must equal ``forward_sorted`` (always per expert) in values and, in training, in
+    every gradient, with an expert that gets no rows and uneven counts."""
     torch.manual_seed(2)
-    padded, per_expert = cls(5, 12, 20, out_dim=7), cls(5, 12, 20, out_dim=7)
-    per_expert.load_state_dict(padded.state_dict())
-    per_expert.pad_small_work = 0
-    counts = [6, 0, 11, 1, 3]
-    x = torch.randn(sum(counts), 12)
-    assert padded.padded(counts) and not per_expert.padded(counts)
+    ex = cls(5, 12, 20, out_dim=7)
+    counts = torch.tensor([6, 0, 11, 1, 3])
+    x = torch.randn(int(counts.sum()), 12)
+    rows = torch.randperm(x.shape[0])
+    expert_index = torch.repeat_interleave(torch.arange(5), counts)
+    assert ex.padded(counts.tolist())
     outs, grads = [], []
-    for ex in (padded, per_expert):
+    for padded in (True, False):
         xi = x.clone().requires_grad_(grad)
+        ex.zero_grad()
         with torch.set_grad_enabled(grad):
-            y = ex.forward_sorted(xi, torch.tensor(counts))
-        outs.append(y.detach())
+            y = ex.forward_grouped(xi, rows, expert_index, counts) if padded else ex.forward_sorted(xi[rows], counts)
         if grad:
+            assert ("BaddbmmBackward0" in _node_names(y)) == padded
             (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-            grads.append([xi.grad] + [p.grad for p in ex.parameters()])
+            grads.append([xi.grad.clone()] + [p.grad.clone() for p in ex.parameters()])
+        outs.append(y.detach())
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

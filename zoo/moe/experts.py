@@ -80,10 +80,12 @@ class BatchedExperts(nn.Module):
     #: per-expert ops' fixed costs (4-9 ops per expert, each a few microseconds on the CPU)
     #: outweigh the padded rows' work (``benchmarks/moe_small.py``, E=8, k=2: padded / fused
     #: time 0.58-0.79 at 32x128x256 and 64x256x512 with up to 1.55x padding, 0.83-1.48 at 2^27
-    #: multiply-adds and more), so ``2^26`` is the crossover. The task layers below it: stock's
-    #: MIGA experts, the RL mixture heads, MoDE's denoiser layers. Same values as the per-expert
-    #: path up to float rounding; 0 switches it off. Never while FLOPs are counted (a dispatch
-    #: mode is active): FLOP counts see only the routed rows.
+    #: multiply-adds and more), so ``2^26`` is the crossover (MoDE's denoiser layers are below
+    #: it, M3ViT's above). It applies to the layer's own dispatch (:meth:`combine_sorted`,
+    #: :meth:`forward_grouped`); :meth:`forward_sorted`, which task heads with their own routing
+    #: call, stays per expert. Same values as the per-expert path up to float rounding; 0
+    #: switches it off. Never while FLOPs are counted (a dispatch mode is active): FLOP counts
+    #: see only the routed rows.
     pad_small_work: int = 1 << 26
 
     #: run sorted tokens through :class:`zoo.moe.fused.SortedExperts` (one autograd node with
@@ -195,11 +197,10 @@ class BatchedExperts(nn.Module):
         return None
 
     def forward_sorted(self, x_sorted: torch.Tensor, counts) -> torch.Tensor:
-        """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out]:
-        padded where :meth:`padded` says so, else the per-expert kernels or slices."""
+        """Tokens grouped by expert (``counts[e]`` rows for expert e, in order) -> [sum, out],
+        always per expert (the kernels of :mod:`zoo.moe.fused` or :meth:`_slices`): the exact
+        rows, whatever the size. :meth:`forward_grouped` is the same with small layers padded."""
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
-        if self.padded(counts):
-            return self._rows_padded(x_sorted, None, None, counts)
         out = self._sorted_kernels(x_sorted, counts)
         return out if out is not None else self._slices(x_sorted, counts)
 

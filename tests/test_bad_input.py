@@ -434,8 +434,7 @@ DP_CASES = {
     "negative task id": (_with(task_ids=np.array([0, -1, 0])), ["demos.npz", "'task_ids'", "non-negative"]),
     "task_ids of the wrong length": (_with(task_ids=np.array([0, 1])), ["demos.npz", "'task_ids'", "one per episode"]),
     "no episode_ends": (_with(episode_ends=None), ["demos.npz", "missing field(s) ['episode_ends']"]),
-    "episode shorter than the chunk": (_with(episode_ends=np.array([6, 16, 18])),
-                                       ["demos.npz", "episode 2 has 2 steps", "action chunk (4)"]),
+    "empty episode": (_with(episode_ends=np.array([6, 6, 18])), ["demos.npz", "'episode_ends'", "strictly increasing"]),
     "unknown format": (lambda d: ((d / "demos.pkl").write_bytes(b"x"), d / "demos.pkl")[1],
                        ["demos.pkl", "unknown demonstration format"]),
 }

@@ -1,16 +1,20 @@
 """Demonstration data for the MoDE policy: built-in scripted demos, and the user's own files.
 
-File layout (``--data.root FILE``), the replay-buffer convention of Diffusion Policy that
-LeRobot / robomimic datasets reduce to, as ``.npz`` or HDF5 (``.h5`` / ``.hdf5``) with keys:
+``--data.root PATH`` reads the formats of ``formats.py`` (robomimic HDF5, Diffusion Policy
+zarr replay buffer, LeRobot v2 folder), detected from the path or named by ``data.format``,
+or the flat layout of this module, an ``.npz`` or HDF5 (``.h5`` / ``.hdf5``) file with keys:
 
 - ``observations`` [N, obs_dim] float: state observations of all episodes, concatenated;
 - ``actions``      [N, act_dim] float: the action taken at each step;
 - ``episode_ends`` [E] int: cumulative end index of each episode (exclusive, last == N);
-- ``task_ids``     [E] int (optional): task of each episode, 0..T-1 (default all 0).
+- ``task_ids``     [E] int (optional): task of each episode, 0..T-1 (default all 0);
+- ``task_names``   [T] str (optional): the goal text of each task id.
 
-Training samples are (observation history [To, obs_dim], action chunk [H, act_dim], task):
-the history before the episode start repeats the first observation and the chunk past the
-episode end repeats the last action (Diffusion Policy's padding). Splits are by episode.
+Training samples are (observation history [To, obs_dim], images [To, C, H, W] per image key,
+action chunk [H, act_dim], task): the history before the episode start repeats the first
+observation and the chunk past the episode end repeats the last action, as Diffusion Policy's
+sequence sampler pads, so episodes shorter than the horizon are used as they are. Splits are
+by episode (robomimic ``mask/train`` / ``mask/valid`` when the file has them).
 """
 from __future__ import annotations
 
@@ -23,21 +27,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from zoo.data import CheckpointedShuffle, SplitLoaders, numeric_field
 
-from .env import TASKS, MultiTask2DEnv, scripted_action, task_index
+from .env import SUITES, TASKS, ImageObs
+from .formats import FORMATS, READERS, assemble, detect_format
 
 REQUIRED = ("observations", "actions", "episode_ends")
 
 
 # ---------------------------------------------------------------------------- reading / checks
-def validate_demonstrations(demos: dict, source: str = "<arrays>", chunk: int | None = None,
-                            act_dim: int | None = None, obs_dim: int | None = None,
-                            num_tasks: int | None = None) -> dict:
+def validate_demonstrations(demos: dict, source: str = "<arrays>", act_dim: int | None = None,
+                            obs_dim: int | None = None, num_tasks: int | None = None) -> dict:
     """Check a demonstration dict and return it as clean numpy arrays.
 
     Raises ValueError naming ``source`` and the field for: missing keys, non-numeric values,
     wrong ranks, mismatched lengths, NaN/inf values, bad episode boundaries, task ids out of
     range (negative, or >= ``num_tasks`` when the evaluation env has a fixed task set), an
-    action/observation width other than the expected one, episodes shorter than ``chunk``.
+    action/observation width other than the expected one, empty episodes, image arrays
+    whose step count is not N. Episodes shorter than the horizon are kept (padded when sampled).
     """
     missing = [k for k in REQUIRED if k not in demos]
     if missing:
@@ -65,10 +70,6 @@ def validate_demonstrations(demos: dict, source: str = "<arrays>", chunk: int | 
     if (lengths <= 0).any() or ends[-1] != len(act):
         raise ValueError(f"{source}: field 'episode_ends' must be strictly increasing cumulative end "
                          f"indices ending at N={len(act)}, got {ends[:5].tolist()}...{ends[-1]}")
-    if chunk is not None and (lengths < chunk).any():
-        e = int(np.argmax(lengths < chunk))
-        raise ValueError(f"{source}: episode {e} has {lengths[e]} steps, shorter than the action chunk "
-                         f"({chunk}); drop short episodes or lower 'chunk'")
     if "task_ids" in demos and demos["task_ids"] is not None:
         tasks = numeric_field(demos, "task_ids", source)
         if tasks.shape != ends.shape or not np.issubdtype(tasks.dtype, np.integer) or (tasks < 0).any():
@@ -79,8 +80,20 @@ def validate_demonstrations(demos: dict, source: str = "<arrays>", chunk: int | 
                              f"evaluation environment's {num_tasks} tasks (0..{num_tasks - 1})")
     else:
         tasks = np.zeros(len(ends), dtype=np.int64)
-    return {"observations": obs, "actions": act, "episode_ends": ends.astype(np.int64),
-            "task_ids": tasks.astype(np.int64)}
+    out = {"observations": obs, "actions": act, "episode_ends": ends.astype(np.int64),
+           "task_ids": tasks.astype(np.int64)}
+    for key, im in (demos.get("images") or {}).items():
+        if im.dtype != np.uint8 or im.ndim != 4 or len(im) != len(act):
+            raise ValueError(f"{source}: image key '{key}' must be uint8 [N={len(act)}, C, H, W], got "
+                             f"shape {im.shape} dtype {im.dtype}")
+    if demos.get("images"):
+        out["images"] = dict(demos["images"])
+    if demos.get("task_names") is not None and len(demos["task_names"]):
+        names = [str(t) for t in np.asarray(demos["task_names"]).reshape(-1)]
+        if len(names) <= int(out["task_ids"].max()):
+            raise ValueError(f"{source}: {len(names)} task names for task ids up to {int(out['task_ids'].max())}")
+        out["task_names"] = names
+    return out
 
 
 def _read_npz(path: Path) -> dict:
@@ -110,22 +123,38 @@ def _read_hdf5(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
 
 
-def load_demonstrations(path, chunk: int | None = None, act_dim: int | None = None,
-                        obs_dim: int | None = None, num_tasks: int | None = None) -> dict:
-    """Read an ``.npz`` or HDF5 demonstration file (layout in the module docstring) and validate it."""
+def load_demonstrations(path, format: str = "auto", obs_keys: list | None = None,
+                        action_key: str | None = None, task_key: str | None = None,
+                        act_dim: int | None = None, obs_dim: int | None = None,
+                        num_tasks: int | None = None) -> dict:
+    """Read demonstrations in any format of ``formats.py`` (or the flat layout) and validate them.
+
+    Returns the flat dict of ``validate_demonstrations``, plus ``task_names`` where the data has
+    task strings, ``images`` for image keys, and ``splits`` (robomimic masks) where present.
+    """
     path = Path(path)
+    if format not in FORMATS:
+        raise ValueError(f"data.format must be one of {list(FORMATS)}, got {format!r}")
     if not path.exists():
-        raise FileNotFoundError(f"demonstration file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in (".npz", ".h5", ".hdf5"):
-        raise ValueError(f"{path}: unknown demonstration format {suffix!r}; use .npz, .h5 or .hdf5")
-    if path.is_dir():
-        raise ValueError(f"{path}: is a folder; give one .npz/.h5 demonstration file")
-    if path.stat().st_size == 0:
+        raise FileNotFoundError(f"demonstration data not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty")
-    demos = _read_npz(path) if suffix == ".npz" else _read_hdf5(path)
-    return validate_demonstrations(demos, str(path), chunk=chunk, act_dim=act_dim, obs_dim=obs_dim,
-                                   num_tasks=num_tasks)
+    kind = detect_format(path) if format == "auto" else format
+    if kind == "flat":
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder; a flat demonstration file is one .npz/.h5 file")
+        if path.suffix.lower() not in (".npz", ".h5", ".hdf5"):
+            raise ValueError(f"{path}: unknown demonstration format {path.suffix!r}; use .npz, .h5 or .hdf5")
+        demos = _read_npz(path) if path.suffix.lower() == ".npz" else _read_hdf5(path)
+        splits = {}
+    else:
+        episodes, splits = READERS[kind](path, action_key=action_key, task_key=task_key)
+        demos = assemble(episodes, str(path), obs_keys)
+    out = validate_demonstrations(demos, str(path), act_dim=act_dim, obs_dim=obs_dim, num_tasks=num_tasks)
+    out["format"], out["splits"] = kind, splits
+    if "obs_keys" in demos:
+        out["obs_keys"] = demos["obs_keys"]
+    return out
 
 
 def save_demonstrations(path, demos: dict) -> Path:
@@ -143,29 +172,34 @@ def save_demonstrations(path, demos: dict) -> Path:
 
 
 def generate_demonstrations(tasks=TASKS, episodes_per_task: int = 100, noise: float = 0.1,
-                            seed: int = 0, min_length: int = 10) -> dict:
-    """Roll out the scripted expert of the built-in env, keeping successful episodes of at
-    least ``min_length`` steps (the action chunk; shorter ones are invalid demos).
+                            seed: int = 0, min_length: int = 1, suite: str = "manipulation",
+                            image_size: int | None = None) -> dict:
+    """Roll out the scripted expert of a built-in suite (``env.SUITES``), keeping successful
+    episodes of at least ``min_length`` steps, with the task string of each episode.
 
     ``noise`` is the std of Gaussian noise added to the EXECUTED action (DART-style), while
     the recorded action is the expert's clean action at the perturbed state, so the policy
-    sees recoveries from small errors.
+    sees recoveries from small errors. ``image_size``: also render every step into
+    ``images["image"]`` (uint8 [N, 3, S, S]) and keep only the agent's xy as state.
     """
+    spec = SUITES[suite]
     rng = np.random.default_rng(seed)
-    env = MultiTask2DEnv(render_mode=None)
-    obs_l, act_l, ends, task_l = [], [], [], []
+    env = spec["env"](render_mode=None, image_size=image_size or 96)
+    obs_l, act_l, img_l, ends, task_l = [], [], [], [], []
     n = 0
     for task in tasks:
-        tid = task_index(task)
+        tid = spec["index"](task)
         kept, attempt = 0, 0
         while kept < episodes_per_task:
             obs, _ = env.reset(seed=int(seed * 100_003 + tid * 10_007 + attempt), options={"task": tid})
             attempt += 1
-            ep_obs, ep_act = [], []
+            ep_obs, ep_act, ep_img = [], [], []
             while True:
-                a = scripted_action(obs, tid)
+                a = spec["expert"](obs, tid)
                 ep_obs.append(obs)
                 ep_act.append(a)
+                if image_size:
+                    ep_img.append(env.render())
                 obs, _, term, trunc, info = env.step(np.clip(a + rng.normal(0, noise, 2), -1, 1))
                 if term or trunc:
                     break
@@ -173,21 +207,34 @@ def generate_demonstrations(tasks=TASKS, episodes_per_task: int = 100, noise: fl
                 continue
             obs_l += ep_obs
             act_l += ep_act
+            img_l += ep_img
             n += len(ep_obs)
             ends.append(n)
             task_l.append(tid)
             kept += 1
-    return {"observations": np.asarray(obs_l, np.float32), "actions": np.asarray(act_l, np.float32),
-            "episode_ends": np.asarray(ends, np.int64), "task_ids": np.asarray(task_l, np.int64)}
+    obs = np.asarray(obs_l, np.float32)
+    out = {"observations": obs, "actions": np.asarray(act_l, np.float32),
+           "episode_ends": np.asarray(ends, np.int64), "task_ids": np.asarray(task_l, np.int64),
+           "task_names": [spec["text"][t] for t in spec["tasks"]]}
+    if image_size:
+        out["observations"] = obs[:, :spec["state_in_image"]]
+        out["images"] = {"image": np.ascontiguousarray(np.asarray(img_l, np.uint8).transpose(0, 3, 1, 2))}
+    return out
 
 
 # ---------------------------------------------------------------------------- dataset
 class ChunkDataset(Dataset):
-    """Every step of the chosen episodes as (obs history, action chunk, task) samples."""
+    """Every step of the chosen episodes as (obs history, images, action chunk, task) samples.
+
+    Indices before the episode start are clamped to its first step and indices past its end
+    to its last step (the padding of Diffusion Policy's ``SequenceSampler``), so an episode of
+    any length >= 1 gives one sample per step.
+    """
 
     def __init__(self, demos: dict, episodes: np.ndarray, chunk: int, n_obs_steps: int):
         self.obs = torch.as_tensor(demos["observations"])
         self.act = torch.as_tensor(demos["actions"])
+        self.images = {k: torch.as_tensor(v) for k, v in (demos.get("images") or {}).items()}
         ends = demos["episode_ends"]
         starts = np.concatenate([[0], ends[:-1]])
         self.chunk, self.n_obs_steps = chunk, n_obs_steps
@@ -208,7 +255,10 @@ class ChunkDataset(Dataset):
         t, lo, hi = int(self.index[i]), int(self.lo[i]), int(self.hi[i])
         obs_idx = torch.arange(t - self.n_obs_steps + 1, t + 1).clamp(min=lo)
         act_idx = torch.arange(t, t + self.chunk).clamp(max=hi - 1)
-        return {"obs": self.obs[obs_idx], "action": self.act[act_idx], "task": self.task[i]}
+        item = {"obs": self.obs[obs_idx], "action": self.act[act_idx], "task": self.task[i]}
+        if self.images:
+            item["images"] = {k: v[obs_idx] for k, v in self.images.items()}  # [To, C, H, W] uint8
+        return item
 
 
 def min_max_stats(x: np.ndarray, eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
@@ -219,35 +269,53 @@ def min_max_stats(x: np.ndarray, eps: float = 1e-4) -> tuple[np.ndarray, np.ndar
 
 
 class DiffusionPolicyDataModule(CheckpointedShuffle, SplitLoaders, L.LightningDataModule):
-    """Built-in multitask 2-D demos (``root=None``) or the user's ``.npz``/HDF5 demonstrations.
+    """Built-in multitask 2-D demos (``root=None``) or the user's demonstrations.
 
     Args:
-        root: None = generate demos with the built-in env's scripted expert; a path = a
-            demonstration file in the layout of the module docstring.
-        env: environment for closed-loop evaluation: "auto" (built-in env when root is None,
-            none for user files), "builtin", "pusht" (needs the ``[pusht]`` extra) or None.
-        tasks: built-in tasks to generate (names or ids); default all.
+        root: None = generate demos with a built-in suite's scripted expert; a path = the
+            user's data in one of the formats of ``formats.py`` or the flat layout above.
+        format: "auto" (detected from the path), "flat", "robomimic", "zarr" or "lerobot".
+        obs_keys: observation keys to use (default: every low-dim key sorted + image keys).
+        action_key: the action key (default: ``actions`` robomimic, ``action`` zarr/LeRobot).
+        task_key: where the task string of an episode is (robomimic: a demo/data attribute,
+            zarr: a ``data/<key>`` array, LeRobot: a column; default: env_name / tasks.jsonl).
+        env: environment for closed-loop evaluation: "auto" (the suite's env when root is
+            None, none for user files), "builtin", "pusht" (needs the ``[pusht]`` extra) or None.
+        suite: built-in tasks: "manipulation" (reach / push / path) or "via" (8 via-point
+            tasks with conflicting actions, the MoE-vs-dense benchmark).
+        tasks: built-in tasks to generate (names or ids); default all of the suite.
+        image_size: built-in data with rendered images of this size (state = agent xy only).
         episodes_per_task, expert_noise: size and diversity of the built-in demos.
-        chunk, n_obs_steps: action chunk length H and observation history To.
+        chunk, n_obs_steps: action chunk length H and observation history To (MoDE: 10, 1).
         val_fraction, test_fraction: episode fractions held out (action MSE on them).
         eval_episodes: closed-loop episodes per task in ``test`` (0 = none).
+        val_episodes: closed-loop episodes per task at each validation (0 = none); with an
+            environment they make ``val/success_rate`` the checkpoint criterion.
     """
 
-    def __init__(self, root: str | None = None, env: str | None = "auto", tasks: list | None = None,
-                 episodes_per_task: int = 100, expert_noise: float = 0.1, chunk: int = 10,
-                 n_obs_steps: int = 2, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                 batch_size: int = 256, num_workers: int = 0, eval_episodes: int = 20,
+    def __init__(self, root: str | None = None, format: str = "auto", obs_keys: list | None = None,
+                 action_key: str | None = None, task_key: str | None = None,
+                 env: str | None = "auto", suite: str = "manipulation", tasks: list | None = None,
+                 image_size: int | None = None, episodes_per_task: int = 100, expert_noise: float = 0.1,
+                 chunk: int = 10, n_obs_steps: int = 1, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 batch_size: int = 256, num_workers: int = 0, eval_episodes: int = 20, val_episodes: int = 0,
                  seed: int = 0):
         super().__init__()
         if env not in ("auto", "builtin", "pusht", None):
             raise ValueError(f"data.env must be 'auto', 'builtin', 'pusht' or null, got {env!r}")
-        self.root, self.chunk, self.n_obs_steps = root, chunk, n_obs_steps
+        if suite not in SUITES:
+            raise ValueError(f"data.suite must be one of {list(SUITES)}, got {suite!r}")
+        if format not in FORMATS:
+            raise ValueError(f"data.format must be one of {list(FORMATS)}, got {format!r}")
+        self.root, self.format, self.chunk, self.n_obs_steps = root, format, chunk, n_obs_steps
+        self.obs_keys, self.action_key, self.task_key = obs_keys, action_key, task_key
         self.env_name = ("builtin" if root is None else None) if env == "auto" else env
-        self.tasks = [task_index(t) for t in (tasks or range(len(TASKS)))]
+        self.suite, self.spec, self.image_size = suite, SUITES[suite], image_size
+        self.tasks = [self.spec["index"](t) for t in (tasks or range(len(self.spec["tasks"])))]
         self.episodes_per_task, self.expert_noise = episodes_per_task, expert_noise
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.eval_episodes, self.seed = eval_episodes, seed
+        self.eval_episodes, self.val_episodes, self.seed = eval_episodes, val_episodes, seed
         self.init_shuffle(seed)
         self.demos: dict | None = None
 
@@ -257,28 +325,44 @@ class DiffusionPolicyDataModule(CheckpointedShuffle, SplitLoaders, L.LightningDa
         if self.demos is not None:
             return self.demos
         if self.root is None:
-            demos = generate_demonstrations([TASKS[t] for t in self.tasks], self.episodes_per_task,
-                                            self.expert_noise, self.seed, min_length=self.chunk)
-            demos = validate_demonstrations(demos, "built-in demos", chunk=self.chunk)
+            demos = generate_demonstrations([self.spec["tasks"][t] for t in self.tasks], self.episodes_per_task,
+                                            self.expert_noise, self.seed, suite=self.suite,
+                                            image_size=self.image_size)
+            demos = validate_demonstrations(demos, "built-in demos")
+            splits = {}
         else:
             obs_dim, act_dim = self.env_dims()
-            demos = load_demonstrations(self.root, chunk=self.chunk, act_dim=act_dim, obs_dim=obs_dim,
-                                        num_tasks=len(TASKS) if self.env_name == "builtin" else None)
-        num_ep = len(demos["episode_ends"])
-        perm = np.random.default_rng(self.seed).permutation(num_ep)
-        n_test = int(round(self.test_fraction * num_ep))
-        n_val = int(round(self.val_fraction * num_ep))
-        if num_ep - n_test - n_val < 1:
-            raise ValueError(f"{self.root or 'built-in demos'}: {num_ep} episodes leave none for training "
-                             f"after val_fraction={self.val_fraction}, test_fraction={self.test_fraction}")
-        self.split = {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]),
-                      "train": np.sort(perm[n_test + n_val:])}
+            builtin = self.env_name == "builtin"
+            demos = load_demonstrations(self.root, self.format, self.obs_keys, self.action_key, self.task_key,
+                                        act_dim=act_dim, obs_dim=obs_dim,
+                                        num_tasks=len(self.spec["tasks"]) if builtin else None)
+            splits = demos.pop("splits")
+        self.split = self._split(len(demos["episode_ends"]), splits)
         starts = np.concatenate([[0], demos["episode_ends"][:-1]])
         rows = np.concatenate([np.arange(starts[e], demos["episode_ends"][e]) for e in self.split["train"]])
         self.obs_stats = min_max_stats(demos["observations"][rows])
         self.act_stats = min_max_stats(demos["actions"][rows])
         self.demos = demos
         return demos
+
+    def _split(self, num_ep: int, masks: dict) -> dict:
+        """Episode split: robomimic ``mask/train`` + ``mask/valid`` (valid halved into val and
+        test), else random by ``seed`` with ``val_fraction`` / ``test_fraction``."""
+        rng = np.random.default_rng(self.seed)
+        if "train" in masks and masks.get("valid"):
+            valid = rng.permutation(masks["valid"])
+            half = max(1, len(valid) // 2)
+            test = valid[:half] if len(valid) > 1 else valid
+            return {"train": np.sort(masks["train"]), "val": np.sort(valid[half:] if len(valid) > 1 else valid),
+                    "test": np.sort(test)}
+        perm = rng.permutation(num_ep)
+        n_test = int(round(self.test_fraction * num_ep))
+        n_val = int(round(self.val_fraction * num_ep))
+        if num_ep - n_test - n_val < 1:
+            raise ValueError(f"{self.root or 'built-in demos'}: {num_ep} episodes leave none for training "
+                             f"after val_fraction={self.val_fraction}, test_fraction={self.test_fraction}")
+        return {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]),
+                "train": np.sort(perm[n_test + n_val:])}
 
     @property
     def obs_dim(self) -> int:
@@ -289,14 +373,28 @@ class DiffusionPolicyDataModule(CheckpointedShuffle, SplitLoaders, L.LightningDa
         return self.prepare()["actions"].shape[1]
 
     @property
+    def image_shapes(self) -> dict:
+        """{image key: [C, H, W]} of the image observations (empty without images)."""
+        return {k: list(v.shape[1:]) for k, v in (self.prepare().get("images") or {}).items()}
+
+    @property
     def num_tasks(self) -> int:
         tasks = self.prepare()["task_ids"]
-        return max(int(tasks.max()) + 1, len(TASKS) if self.env_name == "builtin" else 1)
+        return max(int(tasks.max()) + 1, len(self.spec["tasks"]) if self.env_name == "builtin" else 1,
+                   len(self.prepare().get("task_names") or []))
 
     def task_names(self) -> list[str]:
+        """Name of each task id (built-in suite names, else the data's task strings)."""
         if self.env_name == "builtin":
-            return list(TASKS)
-        return [f"task{i}" for i in range(self.num_tasks)]
+            return list(self.spec["tasks"])
+        names = self.prepare().get("task_names")
+        return list(names) if names else [f"task{i}" for i in range(self.num_tasks)]
+
+    def task_texts(self) -> list[str]:
+        """Goal text of each task id, for the text encoder (the task strings where the data has them)."""
+        if self.env_name == "builtin" or self.root is None:
+            return [self.spec["text"][t] for t in self.spec["tasks"]]
+        return self.task_names()
 
     def eval_tasks(self) -> list[int]:
         """Task ids to evaluate closed loop (built-in: the ones trained on)."""
@@ -307,14 +405,16 @@ class DiffusionPolicyDataModule(CheckpointedShuffle, SplitLoaders, L.LightningDa
         if self.env_name is None:
             return None, None
         env = self.make_env(self.tasks[0] if self.env_name == "builtin" else 0)
-        dims = env.observation_space.shape[0], env.action_space.shape[0]
+        space = env.observation_space
+        dims = (self.spec["state_in_image"] if self.image_size else space.shape[0]), env.action_space.shape[0]
         env.close()
         return dims
 
     def make_env(self, task: int):
         """A fresh evaluation env for ``task`` (None when there is no environment)."""
         if self.env_name == "builtin":
-            return MultiTask2DEnv(task=task)
+            env = self.spec["env"](task=task)
+            return ImageObs(env, self.image_size, self.spec["state_in_image"]) if self.image_size else env
         if self.env_name == "pusht":
             from .pusht import make_pusht_env
             return make_pusht_env()

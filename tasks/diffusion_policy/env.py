@@ -26,6 +26,8 @@ import numpy as np
 from gymnasium import spaces
 
 TASKS = ("reach", "push", "path")
+TASK_TEXT = {"reach": "move the agent onto the goal", "push": "push the block onto the goal",
+             "path": "visit waypoint a then waypoint b then the goal"}
 MAX_STEPS = {"reach": 50, "push": 120, "path": 90}
 OBS_DIM, ACT_DIM = 12, 2
 MAX_SPEED = 0.05          # arena units per step at |action| = 1
@@ -33,13 +35,18 @@ AGENT_R, BLOCK_R = 0.05, 0.08
 REACH_TOL, PUSH_TOL, WAYPOINT_TOL = 0.06, 0.08, 0.07
 
 
-def task_index(task) -> int:
-    """Task name or index -> index into ``TASKS`` (ValueError names the valid tasks)."""
-    if isinstance(task, (int, np.integer)) and 0 <= int(task) < len(TASKS):
+def _index(task, names: tuple, suite: str) -> int:
+    """Task name or index -> index into ``names`` (ValueError names the valid tasks)."""
+    if isinstance(task, (int, np.integer)) and 0 <= int(task) < len(names):
         return int(task)
-    if isinstance(task, str) and task in TASKS:
-        return TASKS.index(task)
-    raise ValueError(f"unknown task {task!r}; the built-in env has tasks {list(TASKS)} (or 0..{len(TASKS) - 1})")
+    if isinstance(task, str) and task in names:
+        return names.index(task)
+    raise ValueError(f"unknown task {task!r}; the {suite} has tasks {list(names)} (or 0..{len(names) - 1})")
+
+
+def task_index(task) -> int:
+    """Task name or index -> index into ``TASKS``."""
+    return _index(task, TASKS, "built-in env")
 
 
 class MultiTask2DEnv(gym.Env):
@@ -196,3 +203,120 @@ def render_scene(agent, block, goal, wp, visited, task_id: int, size: int = 96) 
     disc(block, BLOCK_R, (70, 110, 200))
     disc(agent, AGENT_R, (200, 50, 50))
     return img
+
+
+# ---------------------------------------------------------------------------- via-point suite
+VIA_TASKS = tuple(f"via_{d}" for d in ("e", "ne", "n", "nw", "w", "sw", "s", "se"))
+VIA_RADIUS, VIA_TOL, VIA_MAX_STEPS = 0.4, 0.08, 60
+
+
+def via_point(goal: np.ndarray, task_id: int) -> np.ndarray:
+    """Via point of task ``task_id``: the goal shifted by VIA_RADIUS in the task's compass direction."""
+    ang = task_id * 2 * math.pi / len(VIA_TASKS)
+    return goal + VIA_RADIUS * np.array([math.cos(ang), math.sin(ang)])
+
+
+class ViaPointEnv(gym.Env):
+    """Eight tasks that need conflicting actions from the same observation.
+
+    The agent must reach the goal *through* a via point that lies 0.4 from the goal in the
+    task's compass direction (``via_e``, ``via_ne``, ... ``via_se``), which is not shown: the
+    observation ``[agent xy, goal xy, via visited]`` is the same for every task, so the action
+    field of each task points a different way (opposite tasks point opposite ways) and the
+    policy must get the route from its goal conditioning. Success: the via point was visited
+    (within 0.08), then the goal reached (within 0.06), in at most 60 steps.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, task=None, render_mode: str | None = "rgb_array", image_size: int = 96):
+        super().__init__()
+        self.fixed_task = None if task is None else via_task_index(task)
+        self.render_mode, self.image_size = render_mode, image_size
+        self.observation_space = spaces.Box(-1.0, 1.0, (5,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+        self.task_id, self.t = 0, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        rng = self.np_random
+        task = (options or {}).get("task", self.fixed_task)
+        self.task_id = int(rng.integers(len(VIA_TASKS))) if task is None else via_task_index(task)
+        self.goal = rng.uniform(-0.45, 0.45, 2)
+        while True:
+            self.agent = rng.uniform(-0.9, 0.9, 2)
+            if np.linalg.norm(self.agent - self.goal) > 0.3:
+                break
+        self.via = via_point(self.goal, self.task_id)
+        self.visited, self.t, self.success = 0.0, 0, False
+        self._potential = self._distance()
+        return self._obs(), self._info()
+
+    def step(self, action):
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(ACT_DIM), -1.0, 1.0)
+        self.agent = np.clip(self.agent + MAX_SPEED * a, -1.0, 1.0)
+        if not self.visited and np.linalg.norm(self.agent - self.via) < VIA_TOL:
+            self.visited = 1.0
+            self._potential = self._distance()
+        self.t += 1
+        self.success = bool(self.visited and np.linalg.norm(self.agent - self.goal) < REACH_TOL)
+        potential = self._distance()
+        reward = (self._potential - potential) + float(self.success)
+        self._potential = potential
+        truncated = self.t >= VIA_MAX_STEPS and not self.success
+        return self._obs(), float(reward), self.success, truncated, self._info()
+
+    def render(self):
+        return render_scene(self.agent, np.full(2, 9.0), self.goal, np.stack([self.via, np.full(2, 9.0)]),
+                            np.array([self.visited, 0.0]), 0, self.image_size)
+
+    def _distance(self) -> float:
+        return float(np.linalg.norm(self.agent - (self.goal if self.visited else self.via)))
+
+    def _obs(self) -> np.ndarray:
+        return np.concatenate([self.agent, self.goal, [self.visited]]).astype(np.float32)
+
+    def _info(self) -> dict:
+        return {"task": VIA_TASKS[self.task_id], "task_id": self.task_id, "is_success": self.success}
+
+
+def via_task_index(task) -> int:
+    """Task name or index -> index into ``VIA_TASKS``."""
+    return _index(task, VIA_TASKS, "via suite")
+
+
+def via_action(obs: np.ndarray, task_id: int) -> np.ndarray:
+    """Scripted expert of the via suite: to the task's via point, then to the goal."""
+    agent, goal, visited = obs[0:2], obs[2:4], obs[4]
+    target = goal if visited > 0.5 else via_point(goal, task_id)
+    return _toward(agent, target).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- suites, image obs
+SUITES = {
+    "manipulation": {"env": MultiTask2DEnv, "tasks": TASKS, "expert": scripted_action, "index": task_index,
+                     "text": TASK_TEXT, "state_in_image": 2},
+    "via": {"env": ViaPointEnv, "tasks": VIA_TASKS, "expert": via_action, "index": via_task_index,
+            "text": {t: f"go through the {t[4:]} side of the goal" for t in VIA_TASKS}, "state_in_image": 2},
+}
+
+
+class ImageObs(gym.Wrapper):
+    """Observation ``{"state": obs[:state_dims], "image": render()}`` (uint8 [S, S, 3]): the
+    policy sees only the agent's own coordinates as state and the rest of the scene as pixels."""
+
+    def __init__(self, env: gym.Env, image_size: int, state_dims: int = 2):
+        env.image_size = image_size
+        super().__init__(env)
+        self.state_dims = state_dims
+
+    def _wrap(self, obs):
+        return {"state": obs[:self.state_dims], "image": self.env.render()}
+
+    def reset(self, **kw):
+        obs, info = self.env.reset(**kw)
+        return self._wrap(obs), info
+
+    def step(self, action):
+        obs, *rest = self.env.step(action)
+        return (self._wrap(obs), *rest)

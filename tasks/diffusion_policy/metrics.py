@@ -18,7 +18,8 @@ from torchmetrics import Metric
 
 from zoo.flops import time_forward
 
-Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (obs [B, To, O], task [B]) -> [B, H, A]
+# (obs [B, To, O] or {key: [B, To, ...]}, task [B]) -> actions [B, H, A]
+Policy = Callable[[np.ndarray | dict, np.ndarray], np.ndarray]
 
 
 def _small(frame: np.ndarray, size: int = 128) -> np.ndarray:
@@ -44,7 +45,7 @@ def evaluate_policy(policy: Policy, make_env: Callable[[int], object], tasks: li
         frames = [[_small(env.render())] for env in envs[:record]]
         while not done.all():
             live = np.flatnonzero(~done)
-            obs_b = np.stack([np.stack(hist[i][-n_obs_steps:]) for i in live]).astype(np.float32)
+            obs_b = stack_history([hist[i][-n_obs_steps:] for i in live])
             chunk = policy(obs_b, np.full(len(live), task, np.int64))  # [B, H, A]
             for j, i in enumerate(live):
                 for a in chunk[j, :execute_steps]:
@@ -64,6 +65,13 @@ def evaluate_policy(policy: Policy, make_env: Callable[[int], object], tasks: li
         for env in envs:
             env.close()
     return out
+
+
+def stack_history(histories: list[list]) -> np.ndarray | dict:
+    """Observation histories of B episodes -> [B, To, ...] (dict observations: one array per key)."""
+    if isinstance(histories[0][0], dict):
+        return {k: np.stack([np.stack([o[k] for o in h]) for h in histories]) for k in histories[0][0]}
+    return np.stack([np.stack(h) for h in histories]).astype(np.float32)
 
 
 class ActionMSE(Metric):

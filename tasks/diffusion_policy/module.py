@@ -18,14 +18,16 @@ from .model import MoDEDenoiser
 class DiffusionPolicyModule(ZooModule):
     """MoDE policy: EDM-preconditioned noise-routed MoE diffusion transformer over action chunks.
 
-    Model args (``ffn`` ... ``dropout``) go to ``MoDEDenoiser``. Diffusion: ``sigma_data``,
+    Model args (``ffn`` ... ``image_weights``) go to ``MoDEDenoiser``. Diffusion: ``sigma_data``,
     training sigmas from the truncated log-logistic density on [sigma_min, sigma_max], DDIM
     on an exponential schedule with ``num_sampling_steps``. ``expert_cache`` fuses each step's
     experts before sampling (MoE only). ``execute_steps`` actions of each chunk run in the env
     before re-planning (default: the whole chunk). Optimiser: AdamW(lr, betas, weight_decay)
     with linear warm-up then cosine decay; EMA of the weights with ``ema_decay`` (0 = off)
     is what validation, test and the final model use. Shapes (``obs_dim``, ``act_dim``,
-    ``num_tasks``, ``chunk``, ``n_obs_steps``) are set from the datamodule in ``on_data``.
+    ``num_tasks``, ``chunk``, ``n_obs_steps``, ``image_shapes``, ``goal_texts``) are set from
+    the datamodule in ``on_data``. With an evaluation environment and ``data.val_episodes`` > 0
+    the best checkpoint is chosen by closed-loop ``val/success_rate``, else by ``val/action_mse``.
     """
 
     monitor = "val/action_mse"
@@ -34,8 +36,12 @@ class DiffusionPolicyModule(ZooModule):
     def __init__(self, ffn: str = "moe", dim: int = 64, depth: int = 4, heads: int = 4,
                  num_experts: int = 4, k: int = 2, expert_hidden: int | None = None,
                  sample_train: bool = True, balance_weight: float = 0.01, causal: bool = True,
-                 dropout: float = 0.0, obs_dim: int = 12, act_dim: int = 2, num_tasks: int = 3,
-                 chunk: int = 10, n_obs_steps: int = 2, sigma_data: float = 0.5,
+                 attn_dropout: float = 0.3, goal_dropout: float = 0.1, balance: str = "mode",
+                 router_init: str = "normal", route_on: str = "noise", goal_encoder: str = "words",
+                 image_width: int = 64, image_weights: str | None = None,
+                 obs_dim: int = 12, act_dim: int = 2, num_tasks: int = 3, chunk: int = 10,
+                 n_obs_steps: int = 1, image_shapes: dict | None = None, goal_texts: list | None = None,
+                 sigma_data: float = 0.5,
                  sigma_min: float = 1e-3, sigma_max: float = 80.0, num_sampling_steps: int = 10,
                  expert_cache: bool = True, execute_steps: int | None = None,
                  lr: float = 1e-4, betas: tuple = (0.9, 0.95), weight_decay: float = 0.05,
@@ -52,7 +58,9 @@ class DiffusionPolicyModule(ZooModule):
         self.model = MoDEDenoiser(hp.obs_dim, hp.act_dim, hp.num_tasks, hp.chunk, hp.n_obs_steps,
                                   hp.dim, hp.depth, hp.heads, hp.ffn, hp.num_experts, hp.k,
                                   hp.expert_hidden, hp.sample_train, hp.balance_weight, hp.causal,
-                                  hp.dropout)
+                                  hp.attn_dropout, hp.goal_dropout, hp.balance, hp.router_init, hp.route_on,
+                                  hp.goal_texts, hp.goal_encoder, hp.image_shapes, hp.image_width,
+                                  hp.image_weights)
         # normalisation statistics (map to [-1, 1]); saved in the checkpoint with the weights
         self.register_buffer("obs_lo", -torch.ones(hp.obs_dim))
         self.register_buffer("obs_hi", torch.ones(hp.obs_dim))
@@ -66,7 +74,9 @@ class DiffusionPolicyModule(ZooModule):
         datamodule.prepare()
         shapes = {"obs_dim": datamodule.obs_dim, "act_dim": datamodule.act_dim,
                   "num_tasks": datamodule.num_tasks, "chunk": datamodule.chunk,
-                  "n_obs_steps": datamodule.n_obs_steps}
+                  "n_obs_steps": datamodule.n_obs_steps, "image_shapes": datamodule.image_shapes or None}
+        if getattr(datamodule, "env_name", None) and getattr(datamodule, "val_episodes", 0) > 0:
+            self.monitor, self.monitor_mode = "val/success_rate", "max"
         if getattr(self, "_from_checkpoint", False):  # keep the trained shapes and statistics
             bad = {k: (self.hparams[k], v) for k, v in shapes.items()
                    if (self.hparams[k] < v if k == "num_tasks" else self.hparams[k] != v)}
@@ -75,6 +85,7 @@ class DiffusionPolicyModule(ZooModule):
                                  ", ".join(f"{k}={a} vs {b}" for k, (a, b) in bad.items()))
             self._data_ready = True
             return
+        shapes["goal_texts"] = datamodule.task_texts()
         if any(self.hparams[k] != v for k, v in shapes.items()):
             self.hparams.update(shapes)
             self._build()
@@ -106,7 +117,7 @@ class DiffusionPolicyModule(ZooModule):
 
     def expert_cache_for(self, sigmas: torch.Tensor):
         """Fused experts per sampling step (built once per set of weights, MoE only)."""
-        if not self.model.moe_layers():
+        if not self.model.moe_layers() or self.hparams.route_on != "noise":
             return None
         key = tuple(sigmas.tolist())
         if self._cache is None or self._cache[0] != key:
@@ -118,8 +129,9 @@ class DiffusionPolicyModule(ZooModule):
 
     @torch.no_grad()
     def sample(self, obs_n: torch.Tensor, task: torch.Tensor, use_cache: bool | None = None,
-               noise: torch.Tensor | None = None, callback=None) -> torch.Tensor:
-        """Normalised obs [B, To, O], task [B] -> normalised action chunk [B, H, A] (DDIM)."""
+               noise: torch.Tensor | None = None, callback=None, images: dict | None = None) -> torch.Tensor:
+        """Normalised obs [B, To, O], task [B], images {key: [B, To, C, H, W]} -> normalised
+        action chunk [B, H, A] (DDIM; the expert cache needs noise-only routing)."""
         hp = self.hparams
         use_cache = hp.expert_cache if use_cache is None else use_cache
         sigmas = self.sigmas()
@@ -131,26 +143,36 @@ class DiffusionPolicyModule(ZooModule):
 
         def denoise(x, sigma, i):
             fused = None if cache is None else cache[i]
-            return precondition(self.model, x, sigma, hp.sigma_data, obs=obs_n, task=task, fused=fused)
+            return precondition(self.model, x, sigma, hp.sigma_data, obs=obs_n, task=task, images=images,
+                                fused=fused)
 
         out = sample_ddim(denoise, noise * hp.sigma_max, sigmas, callback)
         self.model.train(was)
         return out
 
-    def forward(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """Inference path: raw obs history [B, To, O], task ids [B] -> raw action chunk [B, H, A]."""
-        return self.unnorm_act(self.sample(self.norm_obs(obs), task))
+    def forward(self, obs: torch.Tensor, task: torch.Tensor, images: dict | None = None) -> torch.Tensor:
+        """Inference path: raw obs history [B, To, O], task ids [B], images {key: [B, To, C, H, W]
+        uint8} -> raw action chunk [B, H, A]."""
+        return self.unnorm_act(self.sample(self.norm_obs(obs), task, images=images))
 
     def flops_inputs(self) -> tuple:
         hp = self.hparams
+        images = {k: torch.zeros(1, hp.n_obs_steps, *s, dtype=torch.uint8, device=self.device)
+                  for k, s in (hp.image_shapes or {}).items()}
         return (torch.zeros(1, hp.n_obs_steps, hp.obs_dim, device=self.device),
-                torch.zeros(1, dtype=torch.long, device=self.device))
+                torch.zeros(1, dtype=torch.long, device=self.device), images or None)
 
-    def policy(self, obs: np.ndarray, task: np.ndarray) -> np.ndarray:
-        """numpy policy for ``evaluate_policy``: obs [B, To, O], task [B] -> actions [B, H, A]."""
+    def policy(self, obs, task: np.ndarray) -> np.ndarray:
+        """numpy policy for ``evaluate_policy``: obs [B, To, O] (or ``{"state": [B, To, O],
+        <image key>: [B, To, H, W, C]}``), task [B] -> actions [B, H, A]."""
+        images = None
+        if isinstance(obs, dict):
+            images = {k: torch.as_tensor(obs[k], device=self.device).permute(0, 1, 4, 2, 3).contiguous()
+                      for k in (self.hparams.image_shapes or {})}
+            obs = obs["state"]
         o = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         t = torch.as_tensor(task, dtype=torch.long, device=self.device)
-        return self(o, t).cpu().numpy()
+        return self(o, t, images).cpu().numpy()
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
@@ -159,7 +181,8 @@ class DiffusionPolicyModule(ZooModule):
         obs = self.norm_obs(batch["obs"])  # [B, To, O]
         sigma = sample_log_logistic((y.shape[0],), math.log(hp.sigma_data), 0.5, hp.sigma_min,
                                     hp.sigma_max, device=self.device)
-        loss = edm_loss(self.model, y, sigma, torch.randn_like(y), hp.sigma_data, obs=obs, task=batch["task"])
+        loss = edm_loss(self.model, y, sigma, torch.randn_like(y), hp.sigma_data, obs=obs, task=batch["task"],
+                        images=batch.get("images"))
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return self.with_aux(loss)
 
@@ -244,12 +267,18 @@ class DiffusionPolicyModule(ZooModule):
         self._ema_ctx.__enter__()
 
     def validation_step(self, batch, batch_idx):
-        pred = self.unnorm_act(self.sample(self.norm_obs(batch["obs"]), batch["task"]))
+        pred = self(batch["obs"], batch["task"], batch.get("images"))
         self.val_mse.update(pred, batch["action"])
 
     def on_validation_epoch_end(self):
         self.log("val/action_mse", self.val_mse.compute(), prog_bar=True)
         self.val_mse.reset()
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and getattr(dm, "env_name", None) and getattr(dm, "val_episodes", 0) > 0:
+            hp = self.hparams  # reset seeds apart from the test episodes'
+            res = evaluate_policy(self.policy, dm.make_env, dm.eval_tasks(), dm.val_episodes, hp.n_obs_steps,
+                                  hp.execute_steps or hp.chunk, hp.eval_seed + 500_000)
+            self.log("val/success_rate", float(np.mean(list(res["success"].values()))), prog_bar=True)
         self._ema_ctx.__exit__(None, None, None)
 
     # ------------------------------------------------------------------ test
@@ -265,7 +294,7 @@ class DiffusionPolicyModule(ZooModule):
         obs, task = self.norm_obs(batch["obs"]), batch["task"]
         layers = self.model.moe_layers()
         names = [f"sigma={s:.3g}" for s in self.sigmas()[:-1].tolist()]
-        cached = self.hparams.expert_cache
+        cached = self.hparams.expert_cache and self.hparams.route_on == "noise"
         tokens = (obs.shape[0], self.model.prefix + self.hparams.chunk)
 
         def record(i, x, denoised):
@@ -276,7 +305,7 @@ class DiffusionPolicyModule(ZooModule):
             if i < len(names) - 1:
                 self._accumulate("test")  # the base adds the last step at batch end
 
-        pred = self.sample(obs, task, callback=record if layers else None)
+        pred = self.sample(obs, task, callback=record if layers else None, images=batch.get("images"))
         self.test_mse.update(self.unnorm_act(pred), batch["action"])
 
     def on_test_epoch_end(self):
@@ -295,8 +324,7 @@ class DiffusionPolicyModule(ZooModule):
         """ms per action chunk (one observation, the configured path) for the compare table."""
         from .metrics import time_ms
 
-        obs, task = self.flops_inputs()
-        self.log("test/ms_per_chunk", time_ms(self, obs, task, repeats=10, warmup=2))
+        self.log("test/ms_per_chunk", time_ms(self, *self.flops_inputs(), repeats=10, warmup=2))
 
     def _closed_loop(self):
         dm = getattr(self.trainer, "datamodule", None)
@@ -341,7 +369,7 @@ class DiffusionPolicyModule(ZooModule):
     def predict_step(self, batch, batch_idx):
         """The sampled action chunk [B, chunk, act_dim] for each test window (EMA weights),
         beside the demonstrated one."""
-        return {"action": self(batch["obs"], batch["task"]), "demo_action": batch["action"]}
+        return {"action": self(batch["obs"], batch["task"], batch.get("images")), "demo_action": batch["action"]}
 
     def on_predict_epoch_end(self):
         self._ema_ctx.__exit__(None, None, None)

@@ -36,9 +36,11 @@ class ConvFactory:
     """Builds the block convs of one network: dense ``nn.Conv2d`` or :class:`MoEConv2d`."""
 
     def __init__(self, moe: bool, width_ratio: float, num_experts: int, k: int, router: str,
-                 router_widths: list[int], balance_weight: float):
+                 router_widths: list[int], balance_weight: float, gate: str = "softmax",
+                 expert_norm: bool = False):
         self.moe, self.ratio, self.num_experts, self.k = moe, width_ratio, num_experts, k
         self.router, self.router_widths, self.balance_weight = router, router_widths, balance_weight
+        self.gate, self.expert_norm = gate, expert_norm
 
     def width(self, planes: int) -> int:
         return max(1, int(round(self.ratio * planes)))
@@ -50,12 +52,46 @@ class ConvFactory:
             return nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
         return MoEConv2d(cin, cout, kernel, num_experts=self.num_experts, k=self.k, stride=stride,
                          padding=padding, router="conv" if self.router == "per_layer" else None,
-                         router_widths=self.router_widths, balance_weight=self.balance_weight)
+                         router_widths=self.router_widths, balance_weight=self.balance_weight,
+                         gate=self.gate)
+
+    def norm(self, conv: nn.Module, channels: int) -> nn.Module:
+        """BatchNorm after ``conv``: one per expert if ``expert_norm`` and ``conv`` is an MoE conv."""
+        if self.expert_norm and isinstance(conv, MoEConv2d):
+            return ExpertBatchNorm2d(channels, conv.num_experts)
+        return nn.BatchNorm2d(channels)
+
+
+class ExpertBatchNorm2d(nn.Module):
+    """BatchNorm with its own statistics and affine parameters per expert of the preceding MoE conv.
+
+    Image ``b`` is normalised by the BatchNorm of the expert the conv chose for it (its top choice
+    when ``k > 1``), so an expert's channel ``c`` is never mixed with another expert's channel ``c``
+    in the batch statistics. The routing is read from ``conv.last_routing``.
+    """
+
+    def __init__(self, channels: int, num_experts: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor, conv: MoEConv2d) -> torch.Tensor:
+        choice = conv.last_routing.indices[:, 0]  # [B]
+        out = torch.empty_like(x)
+        for e, bn in enumerate(self.norms):
+            idx = (choice == e).nonzero().squeeze(1)
+            if idx.numel():
+                out = out.index_copy(0, idx, bn(x[idx]))
+        return out
 
 
 def conv_fwd(conv: nn.Module, x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
     """Run a block conv, handing shared routing scores to MoE convs."""
     return conv(x, logits=logits) if isinstance(conv, MoEConv2d) else conv(x)
+
+
+def norm_fwd(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run the BatchNorm that follows ``conv`` (per-expert norms read the conv's routing)."""
+    return norm(x, conv) if isinstance(norm, ExpertBatchNorm2d) else norm(x)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -64,14 +100,16 @@ class BasicBlock(nn.Module):
 
     def __init__(self, make: ConvFactory, cin: int, cout: int, stride: int):
         super().__init__()
-        self.conv1, self.bn1 = make(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = make(cout, cout, 3, 1, 1), nn.BatchNorm2d(cout)
+        self.conv1 = make(cin, cout, 3, stride, 1)
+        self.bn1 = make.norm(self.conv1, cout)
+        self.conv2 = make(cout, cout, 3, 1, 1)
+        self.bn2 = make.norm(self.conv2, cout)
         self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
             nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x, logits=None):
-        out = F.relu(self.bn1(conv_fwd(self.conv1, x, logits)))
-        out = self.bn2(conv_fwd(self.conv2, out, logits))
+        out = F.relu(norm_fwd(self.bn1, self.conv1, conv_fwd(self.conv1, x, logits)))
+        out = norm_fwd(self.bn2, self.conv2, conv_fwd(self.conv2, out, logits))
         return F.relu(out + self.shortcut(x))
 
 
@@ -81,12 +119,12 @@ class WideBlock(nn.Module):
     def __init__(self, make: ConvFactory, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), make(cin, cout, 3, stride, 1)
-        self.bn2, self.conv2 = nn.BatchNorm2d(cout), make(cout, cout, 3, 1, 1)
+        self.bn2, self.conv2 = make.norm(self.conv1, cout), make(cout, cout, 3, 1, 1)
         self.shortcut = None if stride == 1 and cin == cout else make(cin, cout, 1, stride, 0)
 
     def forward(self, x, logits=None):
         a = F.relu(self.bn1(x))
-        out = F.relu(self.bn2(conv_fwd(self.conv1, a, logits)))
+        out = F.relu(norm_fwd(self.bn2, self.conv1, conv_fwd(self.conv1, a, logits)))
         out = conv_fwd(self.conv2, out, logits)
         return out + (x if self.shortcut is None else conv_fwd(self.shortcut, a, logits))
 
@@ -97,11 +135,11 @@ class DenseLayer(nn.Module):
     def __init__(self, make: ConvFactory, cin: int, growth: int):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), make(cin, 4 * growth, 1)
-        self.bn2, self.conv2 = nn.BatchNorm2d(4 * growth), make(4 * growth, growth, 3, 1, 1)
+        self.bn2, self.conv2 = make.norm(self.conv1, 4 * growth), make(4 * growth, growth, 3, 1, 1)
 
     def forward(self, x, logits=None):
         h = conv_fwd(self.conv1, F.relu(self.bn1(x)), logits)
-        h = conv_fwd(self.conv2, F.relu(self.bn2(h)), logits)
+        h = conv_fwd(self.conv2, F.relu(norm_fwd(self.bn2, self.conv1, h)), logits)
         return torch.cat([x, h], 1)
 
 
@@ -112,11 +150,11 @@ class VGGStage(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(make(cin if i == 0 else cout, cout, 3, 1, 1, moe=not (first_dense and i == 0))
                                    for i in range(n))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(cout) for _ in range(n))
+        self.bns = nn.ModuleList(make.norm(conv, cout) for conv in self.convs)
 
     def forward(self, x, logits=None):
         for conv, bn in zip(self.convs, self.bns):
-            x = F.relu(bn(conv_fwd(conv, x, logits)))
+            x = F.relu(norm_fwd(bn, conv, conv_fwd(conv, x, logits)))
         return F.max_pool2d(x, 2) if min(x.shape[-2:]) >= 2 else x
 
 
@@ -151,12 +189,16 @@ class RobustCNN(nn.Module):
         router: ``"shared"`` (one CNN router on the image) or ``"per_layer"``.
         router_widths: conv widths of the router CNN(s).
         balance_weight: Switch balance loss per MoE layer (0 = AdvMoE default).
+        gate: top-1 gate of the MoE convs (:class:`zoo.moe.conv.MoEConv2d`): ``"softmax"``,
+            ``"straight_through"`` or the public code's ``"straight_through_scores"``.
+        expert_norm: one BatchNorm per expert after each MoE conv instead of one shared.
     """
 
     def __init__(self, arch: str = "resnet", in_channels: int = 3, num_classes: int = 10, moe: bool = True,
                  width: int | None = None, blocks: list[int] | None = None, widen: int = 10,
                  width_ratio: float = 0.5, num_experts: int = 2, k: int = 1, router: str = "shared",
-                 router_widths: list[int] | None = None, balance_weight: float = 0.0):
+                 router_widths: list[int] | None = None, balance_weight: float = 0.0,
+                 gate: str = "softmax", expert_norm: bool = False):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
@@ -168,7 +210,8 @@ class RobustCNN(nn.Module):
         width = width or DEFAULT_WIDTH[arch]
         blocks = list(blocks or DEFAULT_BLOCKS[arch])
         router_widths = list(router_widths or [16, 32])
-        make = ConvFactory(moe, width_ratio, num_experts, k, router, router_widths, balance_weight)
+        make = ConvFactory(moe, width_ratio, num_experts, k, router, router_widths, balance_weight,
+                           gate, expert_norm)
         self.router = ConvRouter(in_channels, num_experts, router_widths) if moe and router == "shared" else None
         stages: list[nn.Module] = []
         if arch == "resnet":

@@ -57,7 +57,7 @@ class RobustCNNModule(ZooModule):
     """Adversarially robust (MoE) CNN classifier.
 
     Model keys: ``arch, moe, width, blocks, widen, width_ratio, num_experts, k, router,
-    router_widths, balance_weight`` (see :class:`tasks.robust_cnn.model.RobustCNN`);
+    router_widths, balance_weight, gate, expert_norm`` (see :class:`tasks.robust_cnn.model.RobustCNN`);
     ``width_ratio="flops_matched"`` builds a dense model whose FLOPs equal those of the MoE with
     ``match_width_ratio`` (the FLOPs-matched dense twin). ``in_channels``, ``num_classes`` and
     ``input_size`` are overwritten from the data in :meth:`on_data`.
@@ -80,7 +80,7 @@ class RobustCNNModule(ZooModule):
                  blocks: list[int] | None = None, widen: int = 10, width_ratio: float | str = 0.5,
                  match_width_ratio: float = 0.5, num_experts: int = 2, k: int = 1, router: str = "shared",
                  router_widths: list[int] | None = None, balance_weight: float = 0.0,
-                 mode: str = "advmoe", epsilon: float = 8 / 255, train_step_size: float = 5 / 255,
+                 gate: str = "softmax", expert_norm: bool = False, mode: str = "advmoe", epsilon: float = 8 / 255, train_step_size: float = 5 / 255,
                  train_steps: int = 2, beta: float = 6.0, router_alpha: float = 6.0,
                  router_task_weight: float = 1.0, attack_router_weight: float = 1.0,
                  test_epsilon: float = 8 / 255, test_step_size: float = 2 / 255, test_steps: int = 10,
@@ -107,7 +107,8 @@ class RobustCNNModule(ZooModule):
     def build_model(self) -> RobustCNN:
         h = self.hparams
         kw = dict(arch=h.arch, width=h.width, blocks=h.blocks, widen=h.widen, num_experts=h.num_experts,
-                  k=h.k, router=h.router, router_widths=h.router_widths, balance_weight=h.balance_weight)
+                  k=h.k, router=h.router, router_widths=h.router_widths, balance_weight=h.balance_weight,
+                  gate=h.gate, expert_norm=h.expert_norm)
         ratio = h.width_ratio
         if ratio == "flops_matched":
             ratio = flops_matched_ratio((h.in_channels, h.input_size, h.input_size), h.num_classes,
@@ -229,9 +230,13 @@ class RobustCNNModule(ZooModule):
 
         if h.mode == "advmoe":
             opt_e, sch_e = sgd(self.model.expert_parameters(), h.lr)
-            opt_r, sch_r = sgd(self.model.router_parameters(), h.router_lr or h.lr)
+            opt_r, sch_r = sgd(self.model.router_parameters(), h.lr if h.router_lr is None else h.router_lr)
             return [opt_e, opt_r], [sch_e, sch_r]
-        opt, sch = sgd(self.model.parameters(), h.lr)
+        router = self.model.router_parameters()
+        groups = [{"params": self.model.expert_parameters()}]
+        if router:  # the router's own learning rate in the joint optimiser too
+            groups.append({"params": router, "lr": h.lr if h.router_lr is None else h.router_lr})
+        opt, sch = sgd(groups, h.lr)
         return [opt], [sch]
 
     # ------------------------------------------------------------------ evaluation

@@ -21,8 +21,9 @@ def test_top1_equals_per_sample_reference():
     logits = torch.randn(9, 4)
     y = layer(x, logits=logits)
     chosen = logits.argmax(-1)
-    ref = torch.stack([F.conv2d(x[i:i + 1], layer.expert_weight(int(e)), layer.expert_bias(int(e)),
-                                stride=2, padding=1)[0] for i, e in enumerate(chosen)])
+    p = logits.softmax(-1)  # default gate: the chosen expert's output times its probability
+    ref = torch.stack([p[i, e] * F.conv2d(x[i:i + 1], layer.expert_weight(int(e)), layer.expert_bias(int(e)),
+                                          stride=2, padding=1)[0] for i, e in enumerate(chosen)])
     assert y.shape == (9, 5, 4, 4)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(layer.last_routing.indices[:, 0], chosen)
@@ -53,25 +54,66 @@ def test_only_chosen_group_is_computed():
     assert full == 4 * one
 
 
-def test_straight_through_gate_sends_gradient_to_router():
+def test_straight_through_gates_send_gradient_to_router():
     torch.manual_seed(2)
-    layer = MoEConv2d(3, 4, 3, num_experts=2, padding=1)  # own ConvRouter on the input
     x = torch.randn(5, 3, 6, 6)
-    y = layer(x)
-    # forward value of the gate is exactly 1: output equals the chosen expert's conv
-    chosen = layer.last_routing.indices[:, 0]
-    ref = torch.stack([layer.conv_expert(int(e), x[i:i + 1])[0] for i, e in enumerate(chosen)])
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    y.square().sum().backward()
-    assert layer.router.fc.weight.grad is not None and layer.router.fc.weight.grad.abs().sum() > 0
-    # gradient of the chosen score = <dL/dy, y> (straight-through identity)
+    for gate in ("straight_through", "straight_through_scores"):
+        layer = MoEConv2d(3, 4, 3, num_experts=2, padding=1, gate=gate)  # own ConvRouter on the input
+        y = layer(x)
+        # forward value of the gate is exactly 1: output equals the chosen expert's conv
+        chosen = layer.last_routing.indices[:, 0]
+        ref = torch.stack([layer.conv_expert(int(e), x[i:i + 1])[0] for i, e in enumerate(chosen)])
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        y.square().sum().backward()
+        assert layer.router.fc.weight.grad is not None and layer.router.fc.weight.grad.abs().sum() > 0
+    # public GetMask: gradient of the chosen raw score = <dL/dy, y> (identity)
     logits = torch.randn(5, 2, requires_grad=True)
-    layer.zero_grad()
     y = layer(x, logits=logits)
     y.square().sum().backward()
     expected = (2 * y.detach() * y.detach()).flatten(1).sum(1)
     got = logits.grad.gather(1, layer.last_routing.indices)[:, 0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.all(logits.grad.scatter(1, layer.last_routing.indices, 0) == 0)  # other scores: none
+
+
+def test_softmax_gate_scales_by_probability_and_reaches_every_score():
+    torch.manual_seed(3)
+    layer = MoEConv2d(3, 4, 3, num_experts=3, padding=1, router=None)  # default gate="softmax"
+    x = torch.randn(6, 3, 5, 5)
+    logits = torch.randn(6, 3, requires_grad=True)
+    y = layer(x, logits=logits)
+    p = logits.softmax(-1).detach()
+    chosen = logits.argmax(-1)
+    ref = torch.stack([p[i, e] * layer.conv_expert(int(e), x[i:i + 1])[0] for i, e in enumerate(chosen)])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert (logits.grad != 0).all()  # through the softmax, the unchosen scores learn too
+
+
+@pytest.mark.parametrize("gate,bounded", [("softmax", True), ("straight_through", True),
+                                          ("straight_through_scores", False)])
+def test_router_scores_stay_bounded_when_the_loss_keeps_pushing(gate, bounded):
+    """The defect behind the MoE CNN's poor clean accuracy: a gate whose router gradient does not
+    decay as the router grows confident lets the scores run away. Here the loss always asks for a
+    larger output (as the classifier's gradient through the gate often does for many steps); with
+    the public code's identity on the raw score each SGD step adds the same amount to the score,
+    with a softmax gate the push fades once the choice is clear."""
+    torch.manual_seed(4)
+    layer = MoEConv2d(2, 3, 3, num_experts=2, padding=1, router=None, gate=gate)
+    x = torch.randn(8, 2, 6, 6).abs()
+    with torch.no_grad():
+        layer.weight.abs_()  # positive outputs: the loss -sum(y) always wants the gate larger
+    scores = torch.zeros(2, requires_grad=True)  # router bias shared by every image
+    opt = torch.optim.SGD([scores], lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        scores[0] = 0.1  # expert 0 chosen from the start
+    for _ in range(200):
+        opt.zero_grad()
+        (-layer(x, logits=scores.expand(8, 2)).mean()).backward()
+        opt.step()
+    gap = float((scores[0] - scores[1]).detach())
+    assert gap > 1.0  # the chosen expert's score rose
+    assert (gap < 20) == bounded, gap
 
 
 def test_inactive_params_and_stats():

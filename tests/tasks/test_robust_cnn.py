@@ -114,6 +114,27 @@ def test_all_architectures_in_both_forms(arch, extra):
     assert d(x).shape == (3, 7) and d.route_logits() == [] and not any(isinstance(l, MoEConv2d) for l in d.modules())
 
 
+def test_expert_batchnorm_keeps_each_experts_statistics():
+    from tasks.robust_cnn.model import ExpertBatchNorm2d
+
+    torch.manual_seed(5)
+    m = RobustCNN(in_channels=1, num_classes=10, moe=True, expert_norm=True, **TINY)
+    block = m.blocks[0]
+    assert isinstance(block.bn1, ExpertBatchNorm2d) and isinstance(block.bn2, ExpertBatchNorm2d)
+    conv = block.conv1
+    x = torch.rand(12, conv.in_channels, 6, 6)
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(6, 1)  # images alternate between experts
+    h = conv(x, logits=logits)
+    out = block.bn1(h, conv)
+    for e in range(2):
+        sel = torch.arange(e, 12, 2)
+        ref = torch.nn.functional.batch_norm(h[sel], None, None, training=True)  # fresh BN: weight 1, bias 0
+        torch.testing.assert_close(out[sel], ref, atol=1e-5, rtol=1e-4)
+    # running statistics are per expert: expert 1 saw only its own images
+    torch.testing.assert_close(block.bn1.norms[1].running_mean, 0.1 * h[1::2].mean((0, 2, 3)).detach())
+    assert RobustCNN(in_channels=1, moe=False, expert_norm=True, **TINY)(x[:, :1]).shape == (12, 10)
+
+
 # ------------------------------------------------------------------ alternating schedule
 def _snapshot(params):
     return [p.detach().clone() for p in params]
@@ -150,9 +171,12 @@ def test_advmoe_alternating_steps_update_only_their_parameters():
 
 def test_plain_at_on_moe_trains_router_jointly():
     torch.manual_seed(0)
-    mod = RobustCNNModule(mode="trades", in_channels=1, num_classes=10, input_size=8, **TINY)
+    mod = RobustCNNModule(mode="trades", in_channels=1, num_classes=10, input_size=8, router_lr=0.01, **TINY)
     (opt,), _ = mod.configure_optimizers()
-    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in mod.parameters()}
+    experts, router = opt.param_groups
+    assert {id(p) for p in experts["params"] + router["params"]} == {id(p) for p in mod.parameters()}
+    assert {id(p) for p in router["params"]} == {id(p) for p in mod.model.router_parameters()}
+    assert (experts["lr"], router["lr"]) == (0.1, 0.01)
     with pytest.raises(ValueError, match="advmoe"):
         RobustCNNModule(mode="advmoe", moe=False)
 

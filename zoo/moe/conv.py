@@ -7,11 +7,23 @@ selected group(s) are computed for that image: samples are sorted by expert, eac
 FLOPs of one sample are those of a conv of width ``out_channels`` (the "width ratio" path), not
 of the full ``E * out_channels`` conv.
 
-Gates (AdvMoE public code, ``GetMask``): with ``k = 1`` the gate is the hard one-hot choice in the
-forward pass and the identity in the backward pass (straight-through), i.e.
-``y_b = (1 + s_{b,e*} - sg(s_{b,e*})) * conv_{e*}(x_b)`` with ``s`` the router scores and
-``sg`` stop-gradient; so ``dL/ds_{b,e*} = <dL/dy_b, conv_{e*}(x_b)>``. With ``k > 1`` the
-outputs of the k chosen groups are summed with their renormalised softmax weights.
+Gates of the top-1 choice ``e*`` (``gate=``), with ``s`` the router scores, ``p = softmax(s)`` and
+``sg`` stop-gradient:
+
+- ``"softmax"`` (default): ``y_b = p_{b,e*} * conv_{e*}(x_b)``, the Switch Transformer gate. The
+  router's gradient is bounded (``|dp/ds| <= 1/4``) and reaches every score through the softmax.
+- ``"straight_through"``: value 1 in the forward pass, gradient of ``p`` in the backward pass,
+  ``y_b = (1 + p_{b,e*} - sg(p_{b,e*})) * conv_{e*}(x_b)`` (Bengio et al. 2013's estimator taken
+  through the softmax).
+- ``"straight_through_scores"``: the AdvMoE public code's ``GetMask``: value 1, identity on the raw
+  score, ``y_b = (1 + s_{b,e*} - sg(s_{b,e*})) * conv_{e*}(x_b)``, so
+  ``dL/ds_{b,e*} = <dL/dy_b, conv_{e*}(x_b)>``. That gradient grows with the activations and
+  nothing bounds the scores: trained by the task loss (the public code discards this gradient,
+  its router learns only from its own loss), the scores of a shared router run away by orders of
+  magnitude within a few epochs and whole batches flip from one expert to the other.
+
+With ``k > 1`` the outputs of the k chosen groups are summed with their renormalised softmax
+weights, whatever ``gate`` says.
 
 Routing can come from (in priority order) ``logits=`` (scores of a router shared across layers,
 computed once per image as the public code does), ``route=`` / :func:`zoo.moe.route_with`
@@ -28,6 +40,8 @@ from torch import nn
 
 from .losses import switch_balance_loss
 from .routing import RoutedModule, RoutingInfo
+
+GATES = ("softmax", "straight_through", "straight_through_scores")
 
 
 class ConvRouter(nn.Module):
@@ -75,6 +89,8 @@ class MoEConv2d(RoutedModule):
         router_widths: widths of the built-in :class:`ConvRouter`.
         balance_weight: weight of the Switch load-balancing loss put in ``self.aux_loss``
             (0 = none, as AdvMoE, whose router step balances experts with its own loss).
+        gate: top-1 gate, ``"softmax"``, ``"straight_through"`` or ``"straight_through_scores"``
+            (see the module docstring).
 
     Forward: ``x [B, C_in, H, W] -> [B, out_channels, H', W']``.
     """
@@ -83,10 +99,12 @@ class MoEConv2d(RoutedModule):
                  num_experts: int = 2, k: int = 1, stride: int = 1, padding: int = 0, dilation: int = 1,
                  bias: bool = False, router: str | nn.Module | None = "conv",
                  router_in_channels: int | None = None, router_widths: tuple[int, ...] | list[int] = (16,),
-                 balance_weight: float = 0.0):
+                 balance_weight: float = 0.0, gate: str = "softmax"):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"MoEConv2d: num_experts must be >= 1, got {num_experts}")
+        if gate not in GATES:
+            raise ValueError(f"MoEConv2d: gate must be one of {GATES}, got {gate!r}")
         if not 1 <= k <= num_experts:
             raise ValueError(f"MoEConv2d: k={k} must be between 1 and num_experts={num_experts}")
         if in_channels < 1 or out_channels < 1:
@@ -95,7 +113,7 @@ class MoEConv2d(RoutedModule):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
         self.num_experts, self.k = num_experts, k
         self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.balance_weight = balance_weight
+        self.balance_weight, self.gate = balance_weight, gate
         # experts are the E channel groups of one conv weight: expert e owns rows [e*O, (e+1)*O)
         self.weight = nn.Parameter(torch.empty(num_experts * out_channels, in_channels, *ks))
         self.bias = nn.Parameter(torch.empty(num_experts * out_channels)) if bias else None
@@ -145,8 +163,12 @@ class MoEConv2d(RoutedModule):
         probs = logits.float().softmax(-1)  # [B, E]
         indices = logits.topk(self.k, dim=-1).indices  # [B, k]
         if self.k == 1:
-            s = logits.gather(-1, indices)  # [B, 1]
-            weights = 1.0 + s - s.detach()  # straight-through: value 1, d/ds = identity
+            if self.gate == "straight_through_scores":
+                s = logits.gather(-1, indices)  # [B, 1] raw score: value 1, d/ds = identity
+                weights = 1.0 + s - s.detach()
+            else:
+                p = probs.gather(-1, indices).to(logits.dtype)  # [B, 1]
+                weights = p if self.gate == "softmax" else 1.0 + p - p.detach()
         else:
             w = probs.gather(-1, indices)
             weights = (w / w.sum(-1, keepdim=True).clamp_min(1e-9)).to(logits.dtype)
@@ -194,4 +216,5 @@ class MoEConv2d(RoutedModule):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels} per expert, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, num_experts={self.num_experts}, k={self.k}")
+                f"stride={self.stride}, padding={self.padding}, num_experts={self.num_experts}, k={self.k}, "
+                f"gate={self.gate}")

@@ -552,25 +552,3 @@ def write_release(dest: Path, layout: str, train: list, test: list, crops: int |
         (dest / "annotations.txt").write_text("\n".join(ann_lines) + "\n")
     return {"classes": rename, "anomalous_first": sum(v.class_name != NORMAL for v in train)}
 
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m tasks.vad.formats LAYOUT DEST``: the built-in data (the configs' defaults)
-    written as a release folder, to see a layout or to check a pipeline end to end."""
-    import argparse
-
-    from .data import VADDataModule
-
-    ap = argparse.ArgumentParser(prog="python -m tasks.vad.formats", description=main.__doc__)
-    ap.add_argument("layout", choices=LAYOUTS)
-    ap.add_argument("dest", type=Path)
-    ap.add_argument("--crops", type=int, default=None, help="default: 10, XD-Violence 5")
-    args = ap.parse_args(argv)
-    dm = VADDataModule()
-    info = write_release(args.dest, args.layout, dm.train_videos, dm.test_videos, args.crops)
-    print(f"wrote {args.dest} ({args.layout}); classes {info['classes']}"
-          + (f"; read it with --data.anomalous_first {info['anomalous_first']}"
-             if args.layout == "shanghai" else ""))
-
-
-if __name__ == "__main__":
-    main()

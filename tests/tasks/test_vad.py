@@ -480,6 +480,11 @@ def test_every_release_layout_reads_back_the_same_videos(releases):
     # gt-ucf.npy, UCF-Crime's annotation text (frames inclusive) and XD's (end exclusive) agree
     for a, b in zip(loaded["rtfm"].test_videos, loaded["rtfm_txt"].test_videos):
         assert np.array_equal(a.frame_gt, b.frame_gt)
+    # UR-DMU ships gt-ucf.npy and UCF_Annotation.txt ('video frames class s e ...'): the frame
+    # labels are used unless the annotation file is named, and both give the same labels
+    named = VADDataModule(root=str(folders["urdmu"][1]), annotations="list/UCF_Annotation.txt")
+    for a, b in zip(loaded["urdmu"].test_videos, named.test_videos):
+        assert np.array_equal(a.frame_gt, b.frame_gt)
 
 
 def test_xd_names_and_multi_label_tags():

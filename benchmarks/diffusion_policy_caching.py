@@ -48,7 +48,7 @@ def main(argv=None):
         moe = DiffusionPolicyModule(ffn="moe", **kw)
         dense = DiffusionPolicyModule(ffn="dense", **kw)
         g = torch.Generator().manual_seed(1)
-        for layer in moe.model.moe_layers():  # fresh routers are uniform; give them preferences
+        for layer in moe.model.moe_layers():  # fresh routers (normal(0, 0.02)) are near-uniform: sharpen them
             w = layer.router.gate[2].weight
             w.data = torch.randn(w.shape, generator=g) * 2
     moe.eval(), dense.eval()

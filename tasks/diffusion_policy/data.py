@@ -342,6 +342,7 @@ class DiffusionPolicyDataModule(CheckpointedShuffle, SplitLoaders, L.LightningDa
         rows = np.concatenate([np.arange(starts[e], demos["episode_ends"][e]) for e in self.split["train"]])
         self.obs_stats = min_max_stats(demos["observations"][rows])
         self.act_stats = min_max_stats(demos["actions"][rows])
+        self.act_mean = demos["actions"][rows].mean(0).astype(np.float32)  # the mean-action baseline
         self.demos = demos
         return demos
 

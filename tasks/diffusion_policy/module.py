@@ -49,7 +49,7 @@ class DiffusionPolicyModule(ZooModule):
                  eval_seed: int = 10_000, record_episodes: int = 1):
         super().__init__()
         self.save_hyperparameters()
-        self.val_mse, self.test_mse = ActionMSE(), ActionMSE()
+        self.val_mse, self.test_mse, self.test_mean_mse = ActionMSE(), ActionMSE(), ActionMSE()
         self._build()
 
     # ------------------------------------------------------------------ construction
@@ -66,6 +66,7 @@ class DiffusionPolicyModule(ZooModule):
         self.register_buffer("obs_hi", torch.ones(hp.obs_dim))
         self.register_buffer("act_lo", -torch.ones(hp.act_dim))
         self.register_buffer("act_hi", torch.ones(hp.act_dim))
+        self.register_buffer("act_mean", torch.zeros(hp.act_dim))  # training mean action (baseline)
         self.ema_state: dict[str, torch.Tensor] | None = None
         self._cache = None
 
@@ -93,6 +94,8 @@ class DiffusionPolicyModule(ZooModule):
         for name, (lo, hi) in (("obs", datamodule.obs_stats), ("act", datamodule.act_stats)):
             getattr(self, f"{name}_lo").copy_(torch.as_tensor(lo))
             getattr(self, f"{name}_hi").copy_(torch.as_tensor(hi))
+        if getattr(datamodule, "act_mean", None) is not None:
+            self.act_mean.copy_(torch.as_tensor(datamodule.act_mean))
         self._data_ready = True
 
     def setup(self, stage: str):
@@ -307,10 +310,13 @@ class DiffusionPolicyModule(ZooModule):
 
         pred = self.sample(obs, task, callback=record if layers else None, images=batch.get("images"))
         self.test_mse.update(self.unnorm_act(pred), batch["action"])
+        self.test_mean_mse.update(self.act_mean.expand_as(batch["action"]), batch["action"])
 
     def on_test_epoch_end(self):
         self.log("test/action_mse", self.test_mse.compute())
+        self.log("test/mean_action_mse", self.test_mean_mse.compute())  # predicting the mean action
         self.test_mse.reset()
+        self.test_mean_mse.reset()
         self._log_inference_cost()
         self._closed_loop()
         if self.model.moe_layers() and self.trainer.is_global_zero:

@@ -26,6 +26,16 @@ def builtin_demos(episodes_per_task: int = 4, tasks=("reach", "path"), seed: int
     return generate_demonstrations(list(tasks), episodes_per_task, seed=seed, image_size=image_size)
 
 
+def shorten(demos: dict, every: int = 3, keep: int = 4) -> dict:
+    """Cut every ``every``-th episode to its first ``keep`` steps (shorter than a 10-step chunk)."""
+    ends = demos["episode_ends"]
+    starts = np.concatenate([[0], ends[:-1]])
+    lengths = [min(e - s, keep) if i % every == 0 else e - s for i, (s, e) in enumerate(zip(starts, ends))]
+    rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
+    return {**demos, "observations": demos["observations"][rows], "actions": demos["actions"][rows],
+            "episode_ends": np.cumsum(lengths)}
+
+
 def _episodes(demos: dict):
     ends = demos["episode_ends"]
     starts = np.concatenate([[0], ends[:-1]])
@@ -137,7 +147,7 @@ def write(name: str, dest: Path) -> None:
     elif name == "lift_image.hdf5":
         write_robomimic(dest, builtin_demos(image_size=16))
     elif name == "pusht_replay.zarr":
-        write_zarr(dest, builtin_demos())
+        write_zarr(dest, shorten(builtin_demos()))
     elif name == "pusht_replay.zarr.zip":
         write_zarr(dest, builtin_demos())
     elif name == "lerobot_reach":

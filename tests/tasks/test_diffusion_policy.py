@@ -311,7 +311,7 @@ def trained(tmp_path_factory):
     evaluated closed loop in the built-in env."""
     L.seed_everything(0)
     root = tmp_path_factory.mktemp("dp_run")
-    folder = EX.write_lerobot(root / "lerobot_reach", shorten(generate_demonstrations(["reach"], 40, seed=0)))
+    folder = EX.write_lerobot(root / "lerobot_reach", EX.shorten(generate_demonstrations(["reach"], 40, seed=0)))
     dm = DiffusionPolicyDataModule(root=str(folder), env="builtin", tasks=["reach"], batch_size=64,
                                    eval_episodes=20, val_fraction=0.05, test_fraction=0.05)
     module = DiffusionPolicyModule(dim=32, depth=2, heads=4, lr=2e-2, warmup_steps=10, ema_decay=0.95)
@@ -379,21 +379,10 @@ def _examples():
 EX = _examples()
 
 
-def shorten(demos: dict, every: int = 3, keep: int = 4) -> dict:
-    """Cut every ``every``-th episode to its first ``keep`` steps (shorter than a 10-step chunk)."""
-    ends = demos["episode_ends"]
-    starts = np.concatenate([[0], ends[:-1]])
-    rows = np.concatenate([np.arange(s, min(e, s + keep) if i % every == 0 else e)
-                           for i, (s, e) in enumerate(zip(starts, ends))])
-    lengths = [min(e - s, keep) if i % every == 0 else e - s for i, (s, e) in enumerate(zip(starts, ends))]
-    return {**demos, "observations": demos["observations"][rows], "actions": demos["actions"][rows],
-            "episode_ends": np.cumsum(lengths)}
-
-
 @pytest.fixture(scope="module")
 def reach_demos():
     """Built-in reach + path demos; episodes 0, 3 and 6 are cut to 4 steps (< the 10-step chunk)."""
-    return shorten(generate_demonstrations(["reach", "path"], episodes_per_task=4, seed=3))
+    return EX.shorten(generate_demonstrations(["reach", "path"], episodes_per_task=4, seed=3))
 
 
 def test_robomimic_zarr_and_lerobot_read_back_the_written_demos(tmp_path, reach_demos):

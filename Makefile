@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/moe_ops.py
 	$(PY) benchmarks/moe_small.py
+	$(PY) benchmarks/task_speed.py --out runs/task_speed.csv
 
 clean:
 	rm -rf runs .pytest_cache

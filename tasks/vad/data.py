@@ -288,8 +288,8 @@ def read_feature_folder(root: str | Path, train_list: str | None = None,
     if len(keep) > 1:                                          # releases' evaluations use
         raise ValueError(f"{root}: name one frame ground truth, not {' and '.join(keep)}")
     index = _Index(root)
-    train_l = group_videos(read_list(files["train_list"], index), files["train_list"])
-    test_l = group_videos(read_list(files["test_list"], index), files["test_list"])
+    train_l = group_videos(read_list(files["train_list"], index))
+    test_l = group_videos(read_list(files["test_list"], index))
     check_consistent(train_l + test_l)
     gt_len = None
     if files["gt"] is not None and len(train_l[0].files.raw_shape) == 3:

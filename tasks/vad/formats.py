@@ -185,8 +185,7 @@ def read_list(list_path: Path, index: _Index | None = None) -> list[Entry]:
                 raise FileNotFoundError(f"{list_path}:{n}: feature file not found: {raw} "
                                         f"(not at that path, nor by name under {root})")
             hit = same[0]
-        stem, crop = split_crop(p.name)
-        entries.append(Entry(hit, f"{list_path}:{n}", video_key(p.name), crop))
+        entries.append(Entry(hit, f"{list_path}:{n}", video_key(p.name), split_crop(p.name)[1]))
     if not entries:
         raise ValueError(f"{list_path}: the list names no feature files")
     return entries
@@ -252,7 +251,7 @@ class Listed:
     class_name: str | None = None
 
 
-def group_videos(entries: list[Entry], list_path: Path) -> list[Listed]:
+def group_videos(entries: list[Entry]) -> list[Listed]:
     """Entries grouped into videos (per-crop files stacked), every file opened and validated."""
     kinds = {e.crop is None for e in entries}
     if len(kinds) > 1:

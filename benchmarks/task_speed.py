@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")  # as the zoo command does
+    import lightning  # noqa: F401  (it sets its loggers' level on import; quieten them after)
+
     for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available", seeds, tips
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")

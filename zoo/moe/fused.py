@@ -119,11 +119,12 @@ class SortedExperts(torch.autograd.Function):
         # the gather of its rows, its GEMMs; the inputs and hidden activations stay per expert,
         # [count_e, ...] blocks that the allocator recycles step after step
         inputs, hidden = [None] * len(spans), [None] * len(spans)
+        per_expert = _per_expert(params)
 
         def expert(j, e, lo, hi):
             xe = x[lo:hi] if rows is None else x.index_select(0, rows[lo:hi])
             inputs[j] = xe
-            hidden[j] = _expert_forward(kind, params, xe, e, out[lo:hi])
+            hidden[j] = _expert_forward(kind, per_expert[e], xe, out[lo:hi])
 
         run_spans(expert, spans, x, threaded, _row_cost(params))
         ctx.spans, ctx.kind, ctx.num_rows, ctx.combined = spans, kind, x.shape[0], gate is not None
@@ -162,6 +163,7 @@ class SortedExperts(torch.autograd.Function):
         grads = _grads_like(params, len(spans) == ctx.num_experts)
         gxs = grad_y.new_empty(num_rows, params[0].shape[1], dtype=ctx.x_dtype) if need_x else None
         ones = grad_y.new_ones(max(hi - lo for _, lo, hi in spans)) if spans else None
+        per_expert, grads_per_expert = _per_expert(params), _per_expert(grads)
 
         def expert(j, e, lo, hi):
             saved, xe = hidden[j], inputs[j]
@@ -174,7 +176,7 @@ class SortedExperts(torch.autograd.Function):
                 if grad_gate is not None:  # row dots: 0.81-0.95x a [rows,1,1] bmm (benchmarks/moe_ops.py)
                     torch.linalg.vecdot(ge, out[lo:hi], out=grad_gate[lo:hi])
                 ge.mul_(g[lo:hi])
-            _expert_backward(kind, params, [grad[e] for grad in grads], saved, xe, ge, e,
+            _expert_backward(kind, per_expert[e], grads_per_expert[e], saved, xe, ge,
                              gxs[lo:hi] if need_x else None, ones)
 
         run_spans(expert, spans, grad_y, ctx.threaded, _row_cost(params))
@@ -188,27 +190,34 @@ class SortedExperts(torch.autograd.Function):
         return (grad_x, None, grad_gate, None, None, None, None, None, *grads)
 
 
-def _expert_forward(kind: str, params, xe: torch.Tensor, e: int, out: torch.Tensor) -> tuple:
-    """Expert ``e`` on its rows ``xe``, written into ``out``; returns what backward needs."""
+def _per_expert(tensors) -> list[tuple[torch.Tensor, ...]]:
+    """[(t[e] for t in tensors) for each expert e]: one ``unbind`` per tensor instead of one
+    ``select`` per tensor and expert (the same views; a few microseconds less per expert)."""
+    return list(zip(*(t.unbind(0) for t in tensors)))
+
+
+def _expert_forward(kind: str, pe, xe: torch.Tensor, out: torch.Tensor) -> tuple:
+    """One expert, parameters ``pe`` (its slices of w1, b1[, w3, b3], w2, b2), on its rows
+    ``xe``, written into ``out``; returns what backward needs."""
     # the hidden layer's bias is added after the product instead of by addmm (which copies it
     # into the output for the GEMM to read back): 0.97-0.99x the time (benchmarks/moe_ops.py)
     if kind == "swiglu":
-        w1, b1, w3, b3 = params[:4]
-        p1, p3 = torch.mm(xe, w1[e]).add_(b1[e]), torch.mm(xe, w3[e]).add_(b3[e])
+        w1, b1, w3, b3 = pe[:4]
+        p1, p3 = torch.mm(xe, w1).add_(b1), torch.mm(xe, w3).add_(b3)
         h = p1 * F.silu(p3)
         saved = (p1, p3, h)
     else:
-        w1, b1 = params[:2]
-        pre = torch.mm(xe, w1[e]).add_(b1[e])
+        w1, b1 = pe[:2]
+        pre = torch.mm(xe, w1).add_(b1)
         h = _FORWARD[kind[4:]](pre)
         saved = (pre, h)
-    torch.addmm(params[-1][e], h, params[-2][e], out=out)
+    torch.addmm(pe[-1], h, pe[-2], out=out)
     return saved
 
 
-def _expert_backward(kind: str, params, grads, saved: tuple, xe, ge, e: int, gx, ones) -> None:
-    """Expert ``e``'s weight gradients into ``grads`` (one tensor per parameter, shaped like
-    ``params[i][e]``) and, when ``gx`` is given, its input gradient into ``gx``, from the output
+def _expert_backward(kind: str, pe, grads, saved: tuple, xe, ge, gx, ones) -> None:
+    """One expert's weight gradients into ``grads`` (one tensor per parameter, shaped like its
+    parameters ``pe``) and, when ``gx`` is given, its input gradient into ``gx``, from the output
     gradient ``ge`` of its rows ``xe``.
 
     The bias gradients (column sums) are matrix-vector products with ``ones`` (at least as many
@@ -220,7 +229,7 @@ def _expert_backward(kind: str, params, grads, saved: tuple, xe, ge, e: int, gx,
     ones = ones[:ge.shape[0]]
     torch.mm(h.t(), ge, out=gw2)
     torch.mv(ge.t(), ones, out=gb2)
-    gh = torch.mm(ge, params[-2][e].t())  # [count_e, hidden]
+    gh = torch.mm(ge, pe[-2].t())  # [count_e, hidden]
     if kind == "swiglu":
         p1, p3, _ = saved
         gp1 = gh * F.silu(p3)
@@ -234,9 +243,9 @@ def _expert_backward(kind: str, params, grads, saved: tuple, xe, ge, e: int, gx,
         torch.mv(gp.t(), ones, out=grads[i + 1])
         if gx is not None:
             if n == 0:
-                torch.mm(gp, params[i][e].t(), out=gx)
+                torch.mm(gp, pe[i].t(), out=gx)
             else:
-                gx.addmm_(gp, params[i][e].t())
+                gx.addmm_(gp, pe[i].t())
 
 
 #: the activations the explicit kernels know (an ``MLPExperts`` with another runs on autograd)
@@ -262,7 +271,8 @@ def sorted_forward(x_sorted: torch.Tensor, counts: list[int], kind: str, threade
     """Inference: the experts on their sorted rows -> [A, out], written into one buffer (no
     concatenation, nothing kept), side by side on the CPU when :mod:`zoo.moe.threads` says so."""
     out = x_sorted.new_empty(x_sorted.shape[0], params[-1].shape[-1])
-    run_spans(lambda j, e, lo, hi: _expert_forward(kind, params, x_sorted[lo:hi], e, out[lo:hi]),
+    per_expert = _per_expert(params)
+    run_spans(lambda j, e, lo, hi: _expert_forward(kind, per_expert[e], x_sorted[lo:hi], out[lo:hi]),
               _spans(counts), x_sorted, threaded, _row_cost(params))
     return out
 

@@ -78,15 +78,16 @@ class BatchedExperts(nn.Module):
     #: run small layers as one padded ``bmm`` per expert layer whatever the balance: when E x
     #: (the busiest expert's rows) x (multiply-adds per row) is at most this. There the
     #: per-expert ops' fixed costs (4-9 ops per expert, each a few microseconds on the CPU)
-    #: outweigh the padded rows' work (``benchmarks/moe_small.py``, E=8, k=2: padded / fused
-    #: time 0.58-0.79 at 32x128x256 and 64x256x512 with up to 1.55x padding, 0.83-1.48 at 2^27
-    #: multiply-adds and more), so ``2^26`` is the crossover (MoDE's denoiser layers are below
-    #: it, M3ViT's above). It applies to the layer's own dispatch (:meth:`combine_sorted`,
-    #: :meth:`forward_grouped`); :meth:`forward_sorted`, which task heads with their own routing
-    #: call, stays per expert. Same values as the per-expert path up to float rounding; 0
-    #: switches it off. Never while FLOPs are counted (a dispatch mode is active): FLOP counts
-    #: see only the routed rows.
-    pad_small_work: int = 1 << 26
+    #: outweigh the padded rows' work. Measured fwd+bwd, one thread, padded / per-expert time:
+    #: 0.58-0.79 at 5e6 (32x128, 256 tokens, E=8; ``benchmarks/moe_small.py``) and 0.34 at 7e6
+    #: (SwiGLU 32x128, 256 tokens, E=4, medians of 200), but 1.06-1.14 at 4.4e7 (the same layer
+    #: at 1,536 tokens, MoDE's size), so the crossover is set at ``2^24``: every task layer at its
+    #: default size stays per expert. It applies to the layer's own dispatch
+    #: (:meth:`combine_sorted`, :meth:`forward_grouped`); :meth:`forward_sorted`, which task heads
+    #: with their own routing call, stays per expert. Same values as the per-expert path up to
+    #: float rounding; 0 switches it off. Never while FLOPs are counted (a dispatch mode is
+    #: active): FLOP counts see only the routed rows.
+    pad_small_work: int = 1 << 24
 
     #: run sorted tokens through :class:`zoo.moe.fused.SortedExperts` (one autograd node with
     #: explicit GEMMs into shared buffers) where the expert type allows; False forces the

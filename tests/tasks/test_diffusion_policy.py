@@ -13,7 +13,7 @@ from tasks.diffusion_policy.data import (ChunkDataset, DiffusionPolicyDataModule
                                          load_demonstrations, save_demonstrations)
 from tasks.diffusion_policy.edm import (edm_loss, edm_scalings, exponential_sigmas, precondition,
                                         sample_ddim, sample_log_logistic)
-from tasks.diffusion_policy.env import TASKS, MultiTask2DEnv, scripted_action
+from tasks.diffusion_policy.env import TASKS, VIA_TASKS, MultiTask2DEnv, ViaPointEnv, scripted_action, via_action
 from tasks.diffusion_policy.metrics import evaluate_policy
 from tasks.diffusion_policy.model import MoDEDenoiser, SwiGLUExperts, swiglu_params
 from tasks.diffusion_policy.module import DiffusionPolicyModule
@@ -217,6 +217,17 @@ def test_env_expert_solves_tasks_and_random_does_not():
                                [task], episodes=10)
         assert expert["success"][task] == 1.0 and rand["success"][task] <= 0.1
     assert env.reset(seed=0)[0].shape == (12,) and env.render().shape == (96, 96, 3)
+    # the via suite: same observation for every task; the opposite task's expert mostly fails
+    tasks = list(range(len(VIA_TASKS)))
+    make = lambda k: ViaPointEnv(task=k)  # noqa: E731
+    for task in tasks:
+        own = evaluate_policy(lambda o, t: np.stack([via_action(oo[-1], int(tt)) for oo, tt in zip(o, t)])[:, None],
+                              make, [task], episodes=10, execute_steps=1)
+        other = evaluate_policy(lambda o, t: np.stack([via_action(oo[-1], (int(tt) + 4) % 8) for oo, tt in zip(o, t)])[:, None],
+                                make, [task], episodes=10, execute_steps=1)
+        rand = evaluate_policy(lambda o, t: rng.uniform(-1, 1, (len(o), 10, 2)), make, [task], episodes=10)
+        assert own["success"][task] == 1.0 and other["success"][task] <= 0.3 and rand["success"][task] <= 0.1
+    assert ViaPointEnv().reset(seed=0)[0].shape == (5,)
 
 
 def test_pusht_env_runs_closed_loop_when_the_extra_is_installed():

@@ -52,6 +52,9 @@ class Task:
     #: overrides for both configs: a training phase in which the experts train
     overrides: list[str] = field(default_factory=list)
     note: str = ""
+    #: consecutive train steps timed as one sample (their mean), where the step's work repeats
+    #: with a period (SAC updates the actor every ``policy_frequency`` = 2 steps)
+    period: int = 1
 
 
 TASKS = {
@@ -64,7 +67,7 @@ TASKS = {
     "robust_cnn": Task("configs/robust_cnn/moe.yaml", "configs/robust_cnn/dense.yaml"),
     # gradient updates from the first step on (the config waits 500 env steps)
     "rl": Task("configs/rl/pmoe_sac.yaml", "configs/rl/sac.yaml", ["--model.init_args.learning_starts=1"],
-               "SAC updates from the first env step"),
+               "SAC updates from the first env step; a train sample is 2 steps (one actor update)", period=2),
 }
 
 
@@ -86,7 +89,7 @@ class Turns:
             self.cond.notify_all()
 
 
-def _step_timer(turns: Turns, i: int, warmup: int, repeats: int):
+def _step_timer(turns: Turns, i: int, warmup: int, repeats: int, period: int = 1):
     from lightning.pytorch.callbacks import Callback
 
     class StepTimer(Callback):
@@ -98,7 +101,7 @@ def _step_timer(turns: Turns, i: int, warmup: int, repeats: int):
         def __init__(self):
             self.times: list[float] = []
             self.seen = 0
-            self.t0 = 0.0
+            self.t0 = self.block = 0.0
 
         def on_fit_start(self, trainer, pl_module):
             turns.wait(i)
@@ -107,10 +110,12 @@ def _step_timer(turns: Turns, i: int, warmup: int, repeats: int):
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            dt = time.perf_counter() - self.t0
+            self.block += time.perf_counter() - self.t0
             self.seen += 1
-            if self.seen > warmup:
-                self.times.append(dt)
+            if self.seen % period == 0:
+                if self.seen > warmup * period:
+                    self.times.append(self.block / period)
+                self.block = 0.0
             enough = len(self.times) >= repeats
             if enough:
                 trainer.should_stop = True
@@ -132,12 +137,13 @@ def build(config: str, overrides: list[str], run_dir: Path):
     return instantiate(ROOT / config, [*quiet, *overrides], run_dir=run_dir)
 
 
-def time_train(modules, datamodules, trainers, warmup: int, repeats: int) -> list[list[float]]:
-    """Per-step seconds of the two modules, trained in turns on two threads."""
+def time_train(modules, datamodules, trainers, warmup: int, repeats: int, period: int = 1) -> list[list[float]]:
+    """Per-step seconds of the two modules (means over ``period`` consecutive steps), trained in
+    turns on two threads."""
     import lightning as L
 
     turns = Turns()
-    timers = [_step_timer(turns, i, warmup, repeats) for i in range(2)]
+    timers = [_step_timer(turns, i, warmup, repeats, period) for i in range(2)]
     errors: list[BaseException] = []
 
     def fit(i: int) -> None:
@@ -206,7 +212,7 @@ def measure(task: str, warmup: int, repeats: int) -> dict:
         built = [build(c, spec.overrides, Path(tmp) / name) for name, c in (("moe", spec.moe), ("dense", spec.dense))]
         modules, datamodules, trainers = map(list, zip(*built))
         flops = [describe(m)["flops_per_sample"] for m in modules]
-        train = time_train(modules, datamodules, trainers, warmup, repeats)
+        train = time_train(modules, datamodules, trainers, warmup, repeats, spec.period)
         infer = time_infer([inference_fn(task, m, d) for m, d in zip(modules, datamodules)], warmup, repeats)
     med = [[statistics.median(t) * 1e3 for t in pair] for pair in (train, infer)]
     return {"task": task, "moe_config": spec.moe, "dense_config": spec.dense,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+TINY = ["--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
         "--data.init_args.episodes_per_task", "3", "--data.init_args.eval_episodes", "1",
         "--data.init_args.val_episodes", "0", "--data.init_args.batch_size", "32",

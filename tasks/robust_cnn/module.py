@@ -73,8 +73,12 @@ class RobustCNNModule(ZooModule):
     instead of the clean choice), ``autoattack`` (needs ``torchattacks``).
     """
 
-    monitor = "val/ra"
     monitor_mode = "max"
+
+    @property
+    def monitor(self) -> str:
+        """Best checkpoint by clean accuracy for clean training, by robust accuracy otherwise."""
+        return "val/sa" if self.hparams.mode == "standard" else "val/ra"
 
     def __init__(self, arch: str = "resnet", moe: bool = True, width: int | None = None,
                  blocks: list[int] | None = None, widen: int = 10, width_ratio: float | str = 0.5,

@@ -177,6 +177,8 @@ def test_plain_at_on_moe_trains_router_jointly():
     assert {id(p) for p in experts["params"] + router["params"]} == {id(p) for p in mod.parameters()}
     assert {id(p) for p in router["params"]} == {id(p) for p in mod.model.router_parameters()}
     assert (experts["lr"], router["lr"]) == (0.1, 0.01)
+    # best checkpoint: by robust accuracy when training adversarially, by clean accuracy otherwise
+    assert mod.monitor == "val/ra" and RobustCNNModule(mode="standard", **TINY).monitor == "val/sa"
     with pytest.raises(ValueError, match="advmoe"):
         RobustCNNModule(mode="advmoe", moe=False)
 

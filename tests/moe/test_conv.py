@@ -30,6 +30,39 @@ def test_top1_equals_per_sample_reference():
     assert layer.last_routing.token_index.numel() == 9  # each image goes to exactly k=1 expert
 
 
+@pytest.mark.parametrize("gate", ["softmax", "straight_through_scores"])
+@pytest.mark.parametrize("split", [False, True])
+def test_gated_output_and_gradients_equal_the_per_image_formula(gate, split):
+    """Values and gradients (input, scores, filters) of the layer equal ``gate_b * conv_{e_b}(x_b)``
+    written out image by image, both when every image picks one expert (the layer then skips the
+    gather/scatter) and when the batch is split."""
+    torch.manual_seed(6)
+    layer = MoEConv2d(3, 4, 3, num_experts=2, padding=1, router=None, gate=gate)
+    x = torch.randn(5, 3, 6, 6, requires_grad=True)
+    raw = torch.tensor([[2.0, 0.0], [1.0, 0.5], [3.0, -1.0], [0.2, 0.1], [1.5, 1.0]])
+    if split:
+        raw[1], raw[3] = raw[1].flip(0), raw[3].flip(0)
+    logits = raw.clone().requires_grad_()
+    y = layer(x, logits=logits)
+    chosen = raw.argmax(-1)
+    assert (len(set(chosen.tolist())) == 2) == split
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    got = [t.grad.clone() for t in (x, logits, layer.weight)]
+    x2, l2 = x.detach().clone().requires_grad_(), raw.clone().requires_grad_()
+    layer.zero_grad()
+    p = l2.softmax(-1)
+    ref = []
+    for i, e in enumerate(chosen.tolist()):
+        s = p[i, e] if gate == "softmax" else 1 + l2[i, e] - l2[i, e].detach()
+        ref.append(s * F.conv2d(x2[i:i + 1], layer.expert_weight(e), padding=1)[0])
+    ref = torch.stack(ref)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for a, t in zip(got, (x2, l2, layer.weight)):
+        torch.testing.assert_close(a, t.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_topk_mixes_groups_with_renormalised_weights():
     torch.manual_seed(1)
     layer = MoEConv2d(2, 3, 1, num_experts=3, k=2, router=None)

@@ -189,18 +189,27 @@ class MoEConv2d(RoutedModule):
         token_index = torch.arange(b, device=x.device).repeat_interleave(self.k)  # [A]
         expert_index = indices.reshape(-1)  # [A]
         w = weights.reshape(-1)  # [A]
-        # sort the (image, expert) assignments by expert; each expert convolves its own slice only
-        order = torch.argsort(expert_index, stable=True)
-        ti, wi = token_index[order], w[order]
         counts = torch.bincount(expert_index, minlength=self.num_experts).tolist()
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.conv_expert(e, x[ti[start:start + n]]))  # [n, O, H', W']
-                start += n
-        out_sorted = torch.cat(outs, 0)  # [A, O, H', W']
-        y = x.new_zeros((b,) + out_sorted.shape[1:])
-        y = y.index_add(0, ti, out_sorted * wi.view(-1, 1, 1, 1).to(out_sorted.dtype))  # [B, O, H', W']
+        if self.k == 1 and max(counts) == b:
+            # every image chose one expert: its conv on the batch as it is, no gather or scatter
+            y = self.conv_expert(counts.index(b), x)  # [B, O, H', W']
+            y = y * w.view(-1, 1, 1, 1).to(y.dtype)
+        else:
+            # sort the (image, expert) assignments by expert; each expert convolves its own slice only
+            order = torch.argsort(expert_index, stable=True)
+            ti = token_index[order]
+            outs, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    outs.append(self.conv_expert(e, x[ti[start:start + n]]))  # [n, O, H', W']
+                    start += n
+            out_sorted = torch.cat(outs, 0)  # [A, O, H', W']
+            if self.k == 1:  # each image appears once: copy back into place, then gate
+                y = out_sorted.new_empty(out_sorted.shape).index_copy(0, ti, out_sorted)  # [B, O, H', W']
+                y = y * w.view(-1, 1, 1, 1).to(y.dtype)
+            else:
+                wi = w[order].view(-1, 1, 1, 1).to(out_sorted.dtype)
+                y = x.new_zeros((b,) + out_sorted.shape[1:]).index_add(0, ti, out_sorted * wi)  # [B, O, H', W']
 
         self.last_logits = logits  # kept with its graph so attacks/losses on the router can use it
         self.last_routing = RoutingInfo(

@@ -137,9 +137,10 @@ def build(config: str, overrides: list[str], run_dir: Path):
     return instantiate(ROOT / config, [*quiet, *overrides], run_dir=run_dir)
 
 
-def time_train(modules, datamodules, trainers, warmup: int, repeats: int, period: int = 1) -> list[list[float]]:
+def time_train(modules, datamodules, trainers, warmup: int, repeats: int, period: int = 1,
+               root_dirs=(None, None)) -> list[list[float]]:
     """Per-step seconds of the two modules (means over ``period`` consecutive steps), trained in
-    turns on two threads."""
+    turns on two threads; whatever a module writes (RL's learning curve) goes under ``root_dirs``."""
     import lightning as L
 
     turns = Turns()
@@ -154,7 +155,7 @@ def time_train(modules, datamodules, trainers, warmup: int, repeats: int, period
             gradient_clip_val=cfg.gradient_clip_val, gradient_clip_algorithm=cfg.gradient_clip_algorithm,
             accumulate_grad_batches=cfg.accumulate_grad_batches, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, callbacks=[timers[i]],
-            default_root_dir=cfg.default_root_dir)
+            default_root_dir=root_dirs[i] or cfg.default_root_dir)
         try:
             trainer.fit(modules[i], datamodule=datamodules[i])
         except BaseException as err:  # reported by the main thread
@@ -212,7 +213,8 @@ def measure(task: str, warmup: int, repeats: int) -> dict:
         built = [build(c, spec.overrides, Path(tmp) / name) for name, c in (("moe", spec.moe), ("dense", spec.dense))]
         modules, datamodules, trainers = map(list, zip(*built))
         flops = [describe(m)["flops_per_sample"] for m in modules]
-        train = time_train(modules, datamodules, trainers, warmup, repeats, spec.period)
+        train = time_train(modules, datamodules, trainers, warmup, repeats, spec.period,
+                           root_dirs=[str(Path(tmp) / name) for name in ("moe", "dense")])
         fns = [inference_fn(task, m, d) for m, d in zip(modules, datamodules)]
         # on a fresh thread of its own, as each fit ran: timed on this (main) thread after the fits,
         # multi-threaded inference measured up to 100x slower (vad: 180 ms against 1.5 ms)

@@ -98,7 +98,7 @@ def write_zarr(path: Path, demos: dict) -> Path:
 
 def write_lerobot(path: Path, demos: dict, episodes_per_chunk: int = 1000) -> Path:
     """LeRobot v2: meta/info.json, meta/tasks.jsonl, meta/episodes.jsonl and
-    data/chunk-XXX/episode_XXXXXX.parquet with observation.state, action, timestamp,
+    data/chunk-<c:03d>/episode_<e:06d>.parquet with observation.state, action, timestamp,
     frame_index, episode_index, index, task_index."""
     import pyarrow as pa
     import pyarrow.parquet as pq
